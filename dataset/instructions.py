@@ -1,0 +1,586 @@
+"""The paper's instruction generation: captions in, (caption, instruction, edited caption) rows out.
+
+InstructPix2Pix (Brooks et al., 2022, section 3.1.1) fine-tuned GPT-3 on human-written triples in this
+format (the reference code, timothybrooks/instruct-pix2pix, generate_txt_dataset.py):
+
+    prompt     = caption + "\\n##\\n"
+    completion = instruction + "\\n%%\\n" + edited caption      (stop sequence "\\nEND")
+    temperature 0.7, frequency penalty 0.1, at most 256 tokens
+
+`mode="completion"` sends exactly that to a completions endpoint (a model fine-tuned the same way, or any
+base model with `completion_few_shot=True`). `mode="chat"` gives a chat model the same contract through a
+system prompt and a few original examples; both answers go through one parser. Rows whose edited caption
+equals the caption (ignoring case, whitespace and ".!?" at the ends) are dropped, as the reference does.
+
+Requests run concurrently, each answer is cached on disk the moment it arrives (see instruction_cache), and
+failures are retried (see llm_client). A failed or malformed request never raises: it is counted in the
+stats. No ComfyUI import here; the node is a thin adapter.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import string
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import openai
+
+from .instruction_cache import CachedAnswer, InstructionCache, cache_key
+from .llm_client import (
+    Attempted,
+    Endpoint,
+    MissingAPIKeyError,
+    RetryPolicy,
+    open_client,
+    public_base_url,
+    request_with_retries,
+)
+
+__all__ = [
+    "CHAT_EXAMPLES",
+    "SYSTEM_PROMPT",
+    "EditInstruction",
+    "Endpoint",
+    "InstructionResult",
+    "InstructionStats",
+    "MalformedOutputError",
+    "MissingAPIKeyError",
+    "RetryPolicy",
+    "Sampling",
+    "as_captions",
+    "build_request",
+    "chat_messages",
+    "completion_prompt",
+    "format_completion",
+    "generate_instructions",
+    "is_identical_edit",
+    "parse_completion",
+    "read_captions",
+    "save_rows_jsonl",
+]
+
+Mode = Literal["completion", "chat"]
+MODES: tuple[Mode, ...] = ("completion", "chat")
+
+PROMPT_SEPARATOR = "\n##\n"
+OUTPUT_SEPARATOR = "\n%%\n"
+STOP_SEQUENCE = "\nEND"
+MAX_PART_CHARS = 400  # longer parts are a model rambling, not a caption
+
+CAPTION_SUFFIXES = (".txt", ".jsonl", ".csv")
+_IDENTITY_STRIP = string.whitespace + ".!?"
+_MAX_REASONS = 20
+# How often the scheduler wakes to ask `should_cancel` while requests are in flight.
+_POLL_SECONDS = 0.1
+
+
+@dataclass(frozen=True)
+class EditInstruction:
+    input_caption: str
+    instruction: str
+    output_caption: str
+
+    def to_reference(self) -> dict[str, str]:
+        """The reference code's keys (prompt.json and its generated-prompts jsonl)."""
+        return {"input": self.input_caption, "edit": self.instruction, "output": self.output_caption}
+
+
+# Original examples in the paper's format; varied edit kinds (colour, style, time, addition, weather, swap).
+CHAT_EXAMPLES: tuple[EditInstruction, ...] = (
+    EditInstruction(
+        "a red bicycle leaning against a brick wall",
+        "make the bicycle blue",
+        "a blue bicycle leaning against a brick wall",
+    ),
+    EditInstruction(
+        "portrait of an old fisherman, oil painting",
+        "turn it into a charcoal sketch",
+        "portrait of an old fisherman, charcoal sketch",
+    ),
+    EditInstruction(
+        "a quiet street in Lisbon at noon",
+        "make it night with glowing street lamps",
+        "a quiet street in Lisbon at night with glowing street lamps",
+    ),
+    EditInstruction(
+        "a golden retriever sitting on the grass",
+        "give the dog a party hat",
+        "a golden retriever wearing a party hat sitting on the grass",
+    ),
+    EditInstruction(
+        "a mountain lake under a clear summer sky",
+        "add a thunderstorm",
+        "a mountain lake under a dark sky with a thunderstorm",
+    ),
+    EditInstruction(
+        "a bowl of green apples on a wooden table",
+        "replace the apples with oranges",
+        "a bowl of oranges on a wooden table",
+    ),
+)
+
+SYSTEM_PROMPT = (
+    "You write instructions for an image editing model. The user gives the caption of an image. "
+    "Invent one plausible, visual edit of that image and answer with exactly three lines:\n"
+    "line 1: the edit as a short imperative instruction\n"
+    "line 2: %%\n"
+    "line 3: the caption of the edited image, worded like the input caption and changed only as the "
+    "instruction says\n"
+    "Write nothing else: no quotes, labels, numbering or explanations."
+)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling parameters; the defaults are the paper's. None leaves a parameter out of the request."""
+
+    temperature: float | None = 0.7
+    frequency_penalty: float | None = 0.1
+    max_tokens: int | None = 256
+    stop: tuple[str, ...] | None = (STOP_SEQUENCE,)
+    seed: int | None = None  # a different seed is a different cache entry: the way to re-roll
+
+    def as_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "temperature": self.temperature,
+            "frequency_penalty": self.frequency_penalty,
+            "max_tokens": self.max_tokens,
+            "stop": list(self.stop) if self.stop is not None else None,
+            "seed": self.seed,
+        }
+        return {name: value for name, value in params.items() if value is not None}
+
+
+@dataclass
+class InstructionStats:
+    """Per-caption counts (ok + malformed + dropped_identical + duplicates + failed + cancelled == requested)
+    and per-request counts (cached, fetched, http_requests)."""
+
+    requested: int = 0
+    cached: int = 0  # unique requests answered from the disk cache
+    fetched: int = 0  # unique requests answered over HTTP in this run
+    http_requests: int = 0  # HTTP attempts sent, retries included
+    ok: int = 0
+    malformed: int = 0
+    dropped_identical: int = 0
+    duplicates: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    reasons: list[str] = field(default_factory=list)  # distinct failure and malformed reasons, first few
+
+    def note(self, reason: str) -> None:
+        if reason not in self.reasons and len(self.reasons) < _MAX_REASONS:
+            self.reasons.append(reason)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (
+            f"{self.ok} rows from {self.requested} captions ({self.cached} cached, {self.fetched} fetched); "
+            f"malformed {self.malformed}, identical {self.dropped_identical}, duplicates {self.duplicates}, "
+            f"failed {self.failed}, cancelled {self.cancelled}"
+        )
+
+
+@dataclass
+class InstructionResult:
+    rows: list[EditInstruction]  # in input order
+    stats: InstructionStats
+    cancelled: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompts and parsing
+# ---------------------------------------------------------------------------------------------------------
+
+
+def format_completion(instruction: str, output_caption: str) -> str:
+    return instruction + OUTPUT_SEPARATOR + output_caption
+
+
+def completion_prompt(caption: str, examples: Sequence[EditInstruction] = ()) -> str:
+    """The paper's prompt; examples, if any, go first in the same format so a base model can follow it."""
+    shots = "".join(
+        e.input_caption + PROMPT_SEPARATOR + format_completion(e.instruction, e.output_caption) + STOP_SEQUENCE + "\n\n"
+        for e in examples
+    )
+    return shots + caption + PROMPT_SEPARATOR
+
+
+def chat_messages(
+    caption: str,
+    system_prompt: str = SYSTEM_PROMPT,
+    examples: Sequence[EditInstruction] = CHAT_EXAMPLES,
+) -> list[dict[str, str]]:
+    messages = [{"role": "system", "content": system_prompt}]
+    for example in examples:
+        messages.append({"role": "user", "content": example.input_caption})
+        messages.append(
+            {"role": "assistant", "content": format_completion(example.instruction, example.output_caption)}
+        )
+    messages.append({"role": "user", "content": caption})
+    return messages
+
+
+def build_request(
+    mode: Mode,
+    model: str,
+    caption: str,
+    sampling: Sampling = Sampling(),
+    system_prompt: str = SYSTEM_PROMPT,
+    examples: Sequence[EditInstruction] = CHAT_EXAMPLES,
+    completion_few_shot: bool = False,
+) -> dict[str, Any]:
+    """The JSON body for one caption; also the material of its cache key."""
+    if mode == "completion":
+        shots = examples if completion_few_shot else ()
+        return {"model": model, "prompt": completion_prompt(caption, shots), **sampling.as_params()}
+    if mode == "chat":
+        return {
+            "model": model,
+            "messages": chat_messages(caption, system_prompt, examples),
+            **sampling.as_params(),
+        }
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+class MalformedOutputError(ValueError):
+    """The model's text does not follow `instruction \\n%%\\n edited caption`."""
+
+
+def parse_completion(text: str, max_part_chars: int = MAX_PART_CHARS) -> tuple[str, str]:
+    """(instruction, edited caption) from a model's text, or MalformedOutputError saying why not."""
+    cleaned = text.replace("\r\n", "\n")
+    # Servers that ignore `stop` (or chat models imitating the format) may still write the end marker.
+    cleaned = cleaned.split(STOP_SEQUENCE, 1)[0]
+    parts = _split_on_separator(cleaned)
+    if len(parts) == 1:
+        raise MalformedOutputError("no separator")
+    if len(parts) > 2:
+        raise MalformedOutputError("multiple separators")
+    instruction, edited = (part.strip() for part in parts)
+    if not instruction or not edited:
+        raise MalformedOutputError("empty part")
+    if "\n" in instruction or "\n" in edited:
+        raise MalformedOutputError("multi-line part")
+    if max(len(instruction), len(edited)) > max_part_chars:
+        raise MalformedOutputError("too long")
+    return instruction, edited
+
+
+def _split_on_separator(text: str) -> list[str]:
+    """Split on lines that hold only `%%` (spaces around it tolerated)."""
+    lines = text.split("\n")
+    parts: list[list[str]] = [[]]
+    for line in lines:
+        if line.strip() == "%%":
+            parts.append([])
+        else:
+            parts[-1].append(line)
+    return ["\n".join(part) for part in parts]
+
+
+def normalise_caption(caption: str) -> str:
+    return caption.strip(_IDENTITY_STRIP).lower()
+
+
+def is_identical_edit(caption: str, output_caption: str) -> bool:
+    return normalise_caption(caption) == normalise_caption(output_caption)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Captions in, rows out
+# ---------------------------------------------------------------------------------------------------------
+
+
+def read_captions(path: str | os.PathLike[str]) -> list[str]:
+    """Captions from .txt (one a line), .jsonl (field `caption`, else `input`) or .csv (column `caption`)."""
+    path = Path(path).expanduser()
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        return _clean(path.read_text(encoding="utf-8-sig").splitlines())
+    if suffix == ".jsonl":
+        return _clean(_jsonl_captions(path))
+    if suffix == ".csv":
+        return _clean(_csv_captions(path))
+    raise ValueError(f"unsupported caption file {path.name}: use one of {', '.join(CAPTION_SUFFIXES)}")
+
+
+def _jsonl_captions(path: Path) -> Iterable[str]:
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            raise ValueError(f"{path.name}:{number}: not JSON ({exc})") from None
+        caption = record.get("caption", record.get("input")) if isinstance(record, dict) else None
+        if not isinstance(caption, str):
+            raise ValueError(f"{path.name}:{number}: no string field 'caption' or 'input'")
+        yield caption
+
+
+def _csv_captions(path: Path) -> Iterable[str]:
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        column = next((c for c in ("caption", "input") if c in columns), None)
+        if column is None:
+            raise ValueError(f"{path.name}: no 'caption' column (columns: {', '.join(columns)})")
+        for record in reader:
+            yield record[column] or ""
+
+
+def as_captions(source: str | os.PathLike[str] | Sequence[str]) -> list[str]:
+    """Captions from a list, a caption file path, or a block of text with one caption per line.
+
+    A one-line string ending in .txt/.jsonl/.csv is a path (and must exist); any other string is text.
+    Captions are stripped and blank ones dropped.
+    """
+    if isinstance(source, os.PathLike):
+        return read_captions(source)
+    if isinstance(source, str):
+        candidate = source.strip()
+        if "\n" not in candidate and candidate.lower().endswith(CAPTION_SUFFIXES):
+            if not Path(candidate).expanduser().is_file():
+                raise FileNotFoundError(f"caption file not found: {candidate}")
+            return read_captions(candidate)
+        return _clean(source.splitlines())
+    return _clean(source)
+
+
+def _clean(captions: Iterable[str]) -> list[str]:
+    out = []
+    for caption in captions:
+        if not isinstance(caption, str):
+            raise TypeError(f"captions must be strings, got {type(caption).__name__}")
+        caption = caption.strip()
+        if caption:
+            out.append(caption)
+    return out
+
+
+def save_rows_jsonl(rows: Iterable[EditInstruction], path: str | os.PathLike[str]) -> Path:
+    """Rows as the reference's jsonl (`input`, `edit`, `output`), written whole or not at all."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row.to_reference(), ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Job:
+    key: str
+    caption: str
+    body: dict[str, Any]
+
+
+DEFAULT_SAMPLING = Sampling()
+DEFAULT_RETRY = RetryPolicy()
+
+
+def generate_instructions(
+    captions: str | os.PathLike[str] | Sequence[str],
+    endpoint: Endpoint,
+    *,
+    mode: Mode = "chat",
+    sampling: Sampling = DEFAULT_SAMPLING,
+    retry: RetryPolicy = DEFAULT_RETRY,
+    concurrency: int = 4,
+    cache_path: str | os.PathLike[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    system_prompt: str = SYSTEM_PROMPT,
+    examples: Sequence[EditInstruction] = CHAT_EXAMPLES,
+    completion_few_shot: bool = False,
+    max_part_chars: int = MAX_PART_CHARS,
+) -> InstructionResult:
+    """Ask the endpoint for one edit per caption; rows come back in input order.
+
+    `progress(done, total)` counts unique requests, cached ones included. `should_cancel()` is polled on
+    the calling thread between requests: once it returns True no new request starts, the ones in flight
+    finish (they are paid for) and everything answered so far is returned and cached. If it raises, the
+    exception propagates after the requests in flight have finished and been cached.
+    Raises MissingAPIKeyError (before any request) when an endpoint that needs a key has none.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+    caption_list = as_captions(captions)
+    stats = InstructionStats(requested=len(caption_list))
+    cache = InstructionCache(cache_path)
+    base_url = public_base_url(endpoint.base_url)
+
+    keys: list[str] = []
+    jobs: dict[str, _Job] = {}
+    for caption in caption_list:
+        body = build_request(mode, endpoint.model, caption, sampling, system_prompt, examples, completion_few_shot)
+        key = cache_key(mode, base_url, body)
+        keys.append(key)
+        jobs.setdefault(key, _Job(key, caption, body))
+
+    answers: dict[str, Attempted] = {}
+    for key in jobs:
+        cached = cache.get(key)
+        if cached is not None:
+            answers[key] = Attempted(text=cached.text, finish_reason=cached.finish_reason)
+    stats.cached = len(answers)
+    to_fetch = [job for key, job in jobs.items() if key not in answers]
+
+    cancelled = False
+    if to_fetch:
+        client, secret = open_client(endpoint)
+        stop = threading.Event()
+        fetch = _Fetcher(client, secret, mode, endpoint.model, retry, cache, stop)
+        try:
+            fetched, cancelled = _run_pool(
+                fetch, to_fetch, concurrency, stop, progress, should_cancel, stats.cached, len(jobs)
+            )
+        finally:
+            client.close()
+        answers.update(fetched)
+        stats.fetched = sum(1 for a in fetched.values() if a.text is not None)
+        stats.http_requests = sum(a.attempts for a in fetched.values())
+    elif progress is not None:
+        progress(len(jobs), len(jobs))
+
+    rows = _assemble(caption_list, keys, answers, stats, max_part_chars)
+    return InstructionResult(rows=rows, stats=stats, cancelled=cancelled)
+
+
+@dataclass(frozen=True)
+class _Fetcher:
+    """One job on a worker thread: the request with retries, then the cache."""
+
+    client: openai.OpenAI
+    secret: str | None
+    mode: Mode
+    model: str
+    retry: RetryPolicy
+    cache: InstructionCache
+    stop: threading.Event  # set: abandon back-offs
+
+    def __call__(self, job: _Job) -> Attempted:
+        result = request_with_retries(self.client, self.mode == "chat", job.body, self.retry, self.stop, self.secret)
+        # Cached from the worker, the moment it is paid for, so a crash of the caller loses nothing.
+        if result.text is not None:
+            answer = CachedAnswer(result.text, result.finish_reason)
+            self.cache.put(job.key, answer, mode=self.mode, model=self.model, caption=job.caption)
+        return result
+
+
+def _run_pool(
+    fetch: Callable[[_Job], Attempted],
+    jobs: Sequence[_Job],
+    concurrency: int,
+    stop: threading.Event,
+    progress: Callable[[int, int], None] | None,
+    should_cancel: Callable[[], bool] | None,
+    done: int,
+    total: int,
+) -> tuple[dict[str, Attempted], bool]:
+    """Run `jobs`, at most `concurrency` at a time. Callbacks run on the calling thread only, since
+    ComfyUI's progress bar and interrupt check expect the executing thread."""
+    cancel_requested = False
+    answers: dict[str, Attempted] = {}
+    pending = deque(jobs)
+
+    def wants_cancel() -> bool:
+        return should_cancel is not None and bool(should_cancel())
+
+    if progress is not None:
+        progress(done, total)
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="ip2p-llm") as pool:
+        running: dict[Future[Attempted], _Job] = {}
+        try:
+            while pending or running:
+                while pending and len(running) < concurrency and not cancel_requested:
+                    if wants_cancel():
+                        cancel_requested = True
+                        break
+                    job = pending.popleft()
+                    running[pool.submit(fetch, job)] = job
+                if not running:
+                    break
+                finished, _ = wait(running, timeout=_POLL_SECONDS, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    job = running.pop(future)
+                    answers[job.key] = future.result()
+                    done += 1
+                    if progress is not None:
+                        progress(done, total)
+                if not cancel_requested and wants_cancel():
+                    cancel_requested = True
+                if cancel_requested:
+                    stop.set()
+        finally:
+            # On an exception the pool still waits for the workers; they must not sit out long back-offs.
+            stop.set()
+    return answers, cancel_requested
+
+
+def _assemble(
+    captions: Sequence[str],
+    keys: Sequence[str],
+    answers: dict[str, Attempted],
+    stats: InstructionStats,
+    max_part_chars: int,
+) -> list[EditInstruction]:
+    rows: list[EditInstruction] = []
+    seen: set[EditInstruction] = set()
+    for caption, key in zip(captions, keys, strict=True):
+        answer = answers.get(key)
+        if answer is None or answer.cancelled:
+            stats.cancelled += 1
+            continue
+        if answer.failure is not None:
+            stats.failed += 1
+            stats.note(answer.failure)
+            continue
+        if answer.text is None:
+            stats.malformed += 1
+            stats.note("response was not JSON")
+            continue
+        if answer.finish_reason == "length":
+            # The model hit max_tokens before the end marker: the edited caption may be cut mid-phrase.
+            stats.malformed += 1
+            stats.note("malformed output: truncated at max_tokens")
+            continue
+        try:
+            instruction, edited = parse_completion(answer.text, max_part_chars)
+        except MalformedOutputError as exc:
+            stats.malformed += 1
+            stats.note(f"malformed output: {exc}")
+            continue
+        if is_identical_edit(caption, edited):
+            stats.dropped_identical += 1
+            continue
+        row = EditInstruction(caption, instruction, edited)
+        if row in seen:
+            stats.duplicates += 1
+            continue
+        seen.add(row)
+        rows.append(row)
+    stats.ok = len(rows)
+    return rows

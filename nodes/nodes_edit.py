@@ -1,0 +1,217 @@
+"""Edit nodes: the one-node InstructEdit, the DualCFGSampler for custom graphs, and the guidance grid."""
+
+from __future__ import annotations
+
+import comfy.samplers
+import torch
+from comfy_api.v0_0_2 import io
+
+from ..pipeline.edit import (
+    SamplingSettings,
+    decode,
+    edit_latents,
+    encode_image,
+    encode_text,
+    prepare_pixels,
+    sample,
+)
+from ..pipeline.guider import make_guider
+from ..pipeline.images import guidance_grid, parse_scales
+from ..pipeline.loading import check_is_ip2p
+from .errors import named_errors
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+def image_scale_input(default: float = 1.5) -> io.Float.Input:
+    return io.Float.Input(
+        "image_guidance", default=default, min=0.0, max=100.0, step=0.05, round=0.01,
+        tooltip="s_I, how closely the edit keeps the input image. Higher = more faithful, less change. "
+                "Paper default 1.5; typical 1.0-2.5. At 1.0 one model branch is skipped.")
+
+
+def text_scale_input(default: float = 7.5) -> io.Float.Input:
+    return io.Float.Input(
+        "text_guidance", default=default, min=0.0, max=100.0, step=0.1, round=0.01,
+        tooltip="s_T, how strongly the edit follows the instruction. Higher = stronger edit. "
+                "Paper default 7.5; typical 5-10.")
+
+
+def sampling_inputs(steps: int = 20) -> list:
+    return [
+        io.Int.Input("steps", default=steps, min=1, max=1000,
+                     tooltip="Denoising steps. The paper uses 100 Euler-ancestral steps; 20-30 is usually enough."),
+        io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
+                     tooltip="Seed of the starting noise; the same seed and settings give the same edit."),
+        io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler_ancestral",
+                       tooltip="Any ComfyUI sampler; the paper used euler_ancestral."),
+        io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal",
+                       tooltip="Any ComfyUI scheduler; 'normal' matches the reference."),
+    ]
+
+
+def settings_from(kwargs: dict) -> SamplingSettings:
+    return SamplingSettings(
+        steps=kwargs["steps"], seed=kwargs["seed"], sampler_name=kwargs["sampler_name"],
+        scheduler=kwargs["scheduler"], image_scale=kwargs["image_guidance"], text_scale=kwargs["text_guidance"],
+        denoise=kwargs.get("denoise", 1.0))
+
+
+class InstructEdit(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="InstructEdit",
+            display_name="Instruct Edit (InstructPix2Pix)",
+            category="InstructPix2Pix",
+            description=(
+                "Edits images by a written instruction (\"make it winter\") with the paper's dual guidance: "
+                "resizes like the reference, encodes the image, samples with image and text guidance in one "
+                "batched model call per step, decodes, and returns the edit at the input's size."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="An InstructPix2Pix model (from Load InstructPix2Pix Model)."),
+                io.Clip.Input("clip", tooltip="The model's text encoder."),
+                io.Vae.Input("vae", tooltip="The model's VAE."),
+                io.Image.Input("image", tooltip="Images to edit (a batch is edited in one go; RGBA and "
+                                                "grayscale are converted to RGB)."),
+                io.String.Input("instruction", multiline=True, default="make it winter",
+                                tooltip="What to change, written as an instruction: \"turn the sky pink\"."),
+                image_scale_input(),
+                text_scale_input(),
+                *sampling_inputs(),
+                io.Int.Input("resolution", default=512, min=0, max=4096, step=64,
+                             tooltip="Longest side the edit is computed at (sides rounded to multiples of 64, "
+                                     "as the reference). 512 for SD1.5 models, 1024 for SDXL. 0 = input size."),
+                io.Boolean.Input("keep_input_size", default=True,
+                                 tooltip="Return the edit at the input image's size and aspect."),
+                io.String.Input("negative", multiline=True, default="", optional=True,
+                                tooltip="Optional negative prompt; replaces the empty prompt in the "
+                                        "unconditional branches (the paper uses the empty prompt)."),
+                io.Int.Input("variations", default=1, min=1, max=64, optional=True,
+                             tooltip="Edits per input image, from different noise of the same seed."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="IMAGE", tooltip="The edited images."),
+                io.Latent.Output(display_name="LATENT", tooltip="The edit's latents (at the edit resolution)."),
+            ],
+        )
+
+    @classmethod
+    @named_errors("InstructEdit")
+    def execute(cls, model, clip, vae, image, instruction, resolution, keep_input_size, negative="",
+                variations=1, **kwargs) -> io.NodeOutput:
+        check_is_ip2p(model)
+        settings = settings_from(kwargs)
+        pixels = prepare_pixels(image, resolution)
+        image_latent = encode_image(vae, pixels)
+        positive, uncond = encode_text(clip, instruction), encode_text(clip, negative)
+        samples = edit_latents(model, positive, uncond, image_latent, settings, variations=variations)
+        size = (image.shape[2], image.shape[1]) if keep_input_size else None
+        return io.NodeOutput(decode(vae, samples, size), {"samples": samples})
+
+
+class DualCFGSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="DualCFGSampler",
+            display_name="Dual CFG Sampler (InstructPix2Pix)",
+            category="InstructPix2Pix/sampling",
+            description=(
+                "A sampler with the paper's two guidance scales for custom graphs. Give it the image either as "
+                "IMAGE + VAE or as an encoded image latent. Its GUIDER output plugs into SamplerCustomAdvanced."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="An InstructPix2Pix model."),
+                io.Conditioning.Input("positive", tooltip="The instruction's conditioning (CLIP Text Encode)."),
+                io.Conditioning.Input("negative", tooltip="The empty prompt's conditioning (or a negative "
+                                                          "prompt): used by the image-only and unconditional "
+                                                          "branches."),
+                image_scale_input(),
+                text_scale_input(),
+                *sampling_inputs(),
+                io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="1.0 samples from pure noise (the paper). Lower values start from "
+                                       "`latent` and keep more of it."),
+                io.Latent.Input("image_latent", optional=True,
+                                tooltip="The input image already encoded (raw VAE latent, e.g. from VAE Encode)."),
+                io.Image.Input("image", optional=True, tooltip="The input image (needs `vae`)."),
+                io.Vae.Input("vae", optional=True, tooltip="Encodes `image`."),
+                io.Latent.Input("latent", optional=True,
+                                tooltip="Starting latent for denoise < 1; defaults to zeros of the image size."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="LATENT"),
+                io.Guider.Output(display_name="GUIDER", tooltip="The dual-guidance guider, for "
+                                                               "SamplerCustomAdvanced."),
+            ],
+        )
+
+    @classmethod
+    @named_errors("DualCFGSampler")
+    def execute(cls, model, positive, negative, image_latent=None, image=None, vae=None, latent=None,
+                **kwargs) -> io.NodeOutput:
+        check_is_ip2p(model)
+        settings = settings_from(kwargs)
+        concat = image_latent_from(image_latent, image, vae)
+        start = latent["samples"] if latent is not None else torch.zeros_like(concat)
+        guider = make_guider(model, positive, negative, concat, settings.image_scale, settings.text_scale)
+        samples = sample(guider, start, settings)
+        return io.NodeOutput({"samples": samples}, guider)
+
+
+def image_latent_from(image_latent, image, vae) -> torch.Tensor:
+    if image_latent is not None:
+        return image_latent["samples"]
+    if image is None or vae is None:
+        raise ValueError("connect either `image_latent`, or `image` together with `vae`")
+    return encode_image(vae, prepare_pixels(image, 0))
+
+
+class IP2PGuidanceGrid(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IP2PGuidanceGrid",
+            display_name="Guidance Grid (InstructPix2Pix)",
+            category="InstructPix2Pix",
+            description=(
+                "The paper's s_I x s_T sweep as one labelled grid, to choose the two guidance scales: rows "
+                "are image guidance, columns text guidance, every cell from the same seed."
+            ),
+            inputs=[
+                io.Model.Input("model"), io.Clip.Input("clip"), io.Vae.Input("vae"),
+                io.Image.Input("image", tooltip="One image (the first of a batch is used)."),
+                io.String.Input("instruction", multiline=True, default="make it winter"),
+                io.String.Input("image_guidance_values", default="1.0, 1.5, 2.0",
+                                tooltip="Comma-separated s_I values (rows)."),
+                io.String.Input("text_guidance_values", default="5.0, 7.5, 10.0",
+                                tooltip="Comma-separated s_T values (columns)."),
+                *sampling_inputs(),
+                io.Int.Input("resolution", default=512, min=64, max=4096, step=64,
+                             tooltip="Longest side of each cell's edit."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="grid", tooltip="All cells, labelled."),
+                io.Image.Output(display_name="images", tooltip="The cells as a batch, row by row."),
+            ],
+        )
+
+    @classmethod
+    @named_errors("IP2PGuidanceGrid")
+    def execute(cls, model, clip, vae, image, instruction, image_guidance_values, text_guidance_values,
+                resolution, **kwargs) -> io.NodeOutput:
+        check_is_ip2p(model)
+        image_scales = parse_scales(image_guidance_values, "image_guidance_values")
+        text_scales = parse_scales(text_guidance_values, "text_guidance_values")
+        pixels = prepare_pixels(image[:1], resolution)
+        image_latent = encode_image(vae, pixels)
+        positive, uncond = encode_text(clip, instruction), encode_text(clip, "")
+        cells = []
+        for s_i in image_scales:
+            for s_t in text_scales:
+                settings = settings_from({**kwargs, "image_guidance": s_i, "text_guidance": s_t})
+                cells.append(decode(vae, edit_latents(model, positive, uncond, image_latent, settings)))
+        batch = torch.cat(cells, dim=0)
+        return io.NodeOutput(guidance_grid(batch, image_scales, text_scales), batch)

@@ -1,0 +1,92 @@
+"""Image geometry shared by the edit nodes: the reference implementation's resize, and back."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def reference_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """The InstructPix2Pix reference resize: longest side near `resolution`, both sides multiples of 64.
+
+    f = R / max(w, h); f = ceil(min(w, h) * f / 64) * 64 / min(w, h); side = floor(side * f / 64) * 64.
+    """
+    if width < 1 or height < 1:
+        raise ValueError(f"image must be at least 1x1, got {width}x{height}")
+    if resolution < 64:
+        raise ValueError(f"resolution must be at least 64, got {resolution}")
+    factor = resolution / max(width, height)
+    factor = math.ceil(min(width, height) * factor / 64) * 64 / min(width, height)
+    new_w = int(width * factor / 64) * 64
+    new_h = int(height * factor / 64) * 64
+    return max(new_w, 64), max(new_h, 64)
+
+
+def resize_lanczos(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Lanczos resize of a ComfyUI IMAGE batch [B, H, W, C] in [0, 1], per channel in float (no 8-bit loss)."""
+    if images.shape[1] == height and images.shape[2] == width:
+        return images
+    array = images.detach().cpu().float().numpy()
+    out = np.empty((array.shape[0], height, width, array.shape[3]), dtype=np.float32)
+    for b in range(array.shape[0]):
+        for c in range(array.shape[3]):
+            channel = Image.fromarray(array[b, :, :, c], mode="F")
+            out[b, :, :, c] = np.asarray(channel.resize((width, height), Image.Resampling.LANCZOS))
+    return torch.from_numpy(out).clamp_(0.0, 1.0).to(images.dtype)
+
+
+def to_rgb(images: torch.Tensor) -> torch.Tensor:
+    """RGBA -> RGB (alpha dropped, as the reference's PIL convert does), grayscale -> RGB."""
+    channels = images.shape[-1]
+    if channels == 3:
+        return images
+    if channels == 1:
+        return images.expand(*images.shape[:-1], 3).contiguous()
+    if channels == 4:
+        return images[..., :3].contiguous()
+    raise ValueError(f"expected 1, 3 or 4 channels, got {channels}")
+
+
+def parse_scales(text: str, name: str) -> list[float]:
+    """'1.0, 1.5, 2' -> [1.0, 1.5, 2.0]; refuses empty lists, non-numbers, negatives and NaN."""
+    values = []
+    for part in text.replace(";", ",").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise ValueError(f"{name}: {part!r} is not a number; write values like '1.0, 1.5, 2.0'") from None
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name}: {part!r} must be a finite number >= 0")
+        values.append(value)
+    if not values:
+        raise ValueError(f"{name}: give at least one value, like '1.0, 1.5, 2.0'")
+    if len(values) > 16:
+        raise ValueError(f"{name}: at most 16 values, got {len(values)}")
+    return values
+
+
+def guidance_grid(cells: torch.Tensor, row_scales: list[float], column_scales: list[float]) -> torch.Tensor:
+    """Lays out [rows*cols, H, W, 3] cells as one labelled image: rows s_I, columns s_T."""
+    from PIL import ImageDraw
+
+    rows, cols = len(row_scales), len(column_scales)
+    height, width = cells.shape[1], cells.shape[2]
+    margin_top, margin_left = 28, 84
+    canvas = Image.new("RGB", (margin_left + cols * width, margin_top + rows * height), "white")
+    draw = ImageDraw.Draw(canvas)
+    array = (cells.clamp(0, 1).cpu().float().numpy() * 255).round().astype(np.uint8)
+    for index in range(rows * cols):
+        r, c = divmod(index, cols)
+        canvas.paste(Image.fromarray(array[index]), (margin_left + c * width, margin_top + r * height))
+    for c, scale in enumerate(column_scales):
+        draw.text((margin_left + c * width + 6, 8), f"s_T = {scale:g}", fill="black")
+    for r, scale in enumerate(row_scales):
+        draw.text((6, margin_top + r * height + height // 2 - 6), f"s_I = {scale:g}", fill="black")
+    grid = torch.from_numpy(np.asarray(canvas).astype(np.float32) / 255.0)
+    return grid.unsqueeze(0)

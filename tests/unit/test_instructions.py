@@ -1,0 +1,604 @@
+"""Instruction generation against a real HTTP server on 127.0.0.1 through the real `openai` client."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from comfyui_ip2p.dataset import instructions as ins
+from comfyui_ip2p.dataset.instruction_cache import InstructionCache
+from comfyui_ip2p.dataset.llm_client import PLACEHOLDER_KEY, REDACTED, retry_after_seconds
+from comfyui_ip2p.testing.openai_server import FakeOpenAIServer, RecordedRequest, Reply
+from hypothesis import given
+from hypothesis import strategies as st
+
+SECRET = "sk-test-DO-NOT-LEAK-7f3a9c1e5b"
+KEY_ENV = "IP2P_TEST_LLM_KEY"
+# Short enough that the whole file stays fast; the shapes of the waits are what is tested.
+FAST_RETRY = ins.RetryPolicy(max_attempts=4, backoff_base=0.01, backoff_max=0.05, retry_after_max=1.0)
+
+
+@pytest.fixture()
+def server():
+    with FakeOpenAIServer() as srv:
+        yield srv
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    # The client must never fall back to a real key or endpoint from the developer's shell.
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID"):
+        monkeypatch.delenv(name, raising=False)
+    return SECRET
+
+
+def endpoint(server: FakeOpenAIServer, model: str = "fake-model", timeout: float = 5.0) -> ins.Endpoint:
+    return ins.Endpoint(model=model, base_url=server.base_url, api_key_env=KEY_ENV, timeout=timeout)
+
+
+def run(server: FakeOpenAIServer, captions, **kwargs) -> ins.InstructionResult:
+    kwargs.setdefault("retry", FAST_RETRY)
+    kwargs.setdefault("mode", "completion")
+    model = kwargs.pop("model", "fake-model")
+    timeout = kwargs.pop("timeout", 5.0)
+    return ins.generate_instructions(captions, endpoint(server, model, timeout), **kwargs)
+
+
+def by_caption(table: dict[str, str]):
+    """A responder answering each caption with a fixed text."""
+    return lambda request: Reply.ok(table[request.caption()])
+
+
+def assert_counts_add_up(stats: ins.InstructionStats) -> None:
+    per_caption = (
+        stats.ok + stats.malformed + stats.dropped_identical + stats.duplicates + stats.failed + stats.cancelled
+    )
+    assert per_caption == stats.requested
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Request shape
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_completion_request_is_the_papers_format(server):
+    result = run(server, ["a photo of a cat"], mode="completion", model="ft-davinci")
+
+    [request] = server.requests
+    assert request.method == "POST"
+    assert request.path == "/v1/completions"
+    assert request.body == {
+        "model": "ft-davinci",
+        "prompt": "a photo of a cat\n##\n",
+        "temperature": 0.7,
+        "frequency_penalty": 0.1,
+        "max_tokens": 256,
+        "stop": ["\nEND"],
+    }
+    assert request.headers["authorization"] == f"Bearer {SECRET}"
+    assert result.rows == [ins.EditInstruction("a photo of a cat", "add snow", "a photo of a cat, covered in snow")]
+
+
+def test_chat_request_has_system_prompt_and_few_shot_in_the_same_contract(server):
+    result = run(server, ["a photo of a cat"], mode="chat", model="chat-model")
+
+    [request] = server.requests
+    assert request.path == "/v1/chat/completions"
+    body = request.body
+    assert {k: v for k, v in body.items() if k != "messages"} == {
+        "model": "chat-model",
+        "temperature": 0.7,
+        "frequency_penalty": 0.1,
+        "max_tokens": 256,
+        "stop": ["\nEND"],
+    }
+    messages = body["messages"]
+    assert messages[0] == {"role": "system", "content": ins.SYSTEM_PROMPT}
+    assert messages[-1] == {"role": "user", "content": "a photo of a cat"}
+    shots = messages[1:-1]
+    assert 4 <= len(shots) // 2 <= 6
+    assert [m["role"] for m in shots] == ["user", "assistant"] * (len(shots) // 2)
+    for user, assistant in zip(shots[::2], shots[1::2], strict=True):
+        instruction, edited = ins.parse_completion(assistant["content"])
+        assert assistant["content"] == f"{instruction}\n%%\n{edited}"
+        assert not ins.is_identical_edit(user["content"], edited)
+    assert result.rows[0].instruction == "add snow"
+
+
+def test_sampling_overrides_and_omissions_reach_the_body(server):
+    sampling = ins.Sampling(temperature=1.1, frequency_penalty=None, max_tokens=64, stop=("\nEND", "\n\n"), seed=7)
+    run(server, ["a dog"], sampling=sampling)
+
+    assert server.requests[0].body == {
+        "model": "fake-model",
+        "prompt": "a dog\n##\n",
+        "temperature": 1.1,
+        "max_tokens": 64,
+        "stop": ["\nEND", "\n\n"],
+        "seed": 7,
+    }
+
+
+def test_completion_few_shot_prefix_keeps_the_caption_last(server):
+    run(server, ["a dog"], completion_few_shot=True)
+
+    prompt = server.requests[0].body["prompt"]
+    assert prompt.endswith("\n\na dog\n##\n")
+    assert prompt.count("\n##\n") == len(ins.CHAT_EXAMPLES) + 1
+    assert prompt.count("\nEND\n") == len(ins.CHAT_EXAMPLES)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parsing
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("make it winter\n%%\na snowy street", ("make it winter", "a snowy street")),
+        (" make it winter \n%%\n a snowy street \n", ("make it winter", "a snowy street")),
+        ("make it winter\r\n%%\r\na snowy street", ("make it winter", "a snowy street")),
+        ("make it winter\n%%\na snowy street\nEND", ("make it winter", "a snowy street")),
+        ("make it winter\n%%\na snowy street\nEND\nmore rambling\n%%\nx", ("make it winter", "a snowy street")),
+        ("make it winter\n  %%  \na snowy street", ("make it winter", "a snowy street")),
+        ("\nmake it winter\n%%\na snowy street\n\n", ("make it winter", "a snowy street")),
+    ],
+)
+def test_parse_accepts(text, expected):
+    assert ins.parse_completion(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("", "no separator"),
+        ("make it winter", "no separator"),
+        ("make it winter %% a snowy street", "no separator"),
+        ("make it winter\n##\na snowy street", "no separator"),
+        ("make it winter\n%%\n", "empty part"),
+        ("\n%%\na snowy street", "empty part"),
+        ("%%\na snowy street", "empty part"),
+        ("   \n%%\n   ", "empty part"),
+        ("a\n%%\nb\n%%\nc", "multiple separators"),
+        ("make it\nwinter\n%%\na snowy street", "multi-line part"),
+        ("make it winter\n%%\n" + "very " * 100 + "snowy", "too long"),
+    ],
+)
+def test_parse_rejects(text, reason):
+    with pytest.raises(ins.MalformedOutputError, match=reason):
+        ins.parse_completion(text)
+
+
+_line = st.text(
+    alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp"), blacklist_characters="\x85"),
+    min_size=1,
+    max_size=60,
+).filter(lambda s: s.strip() and s.strip() != "%%" and "\nEND" not in s)
+
+
+@given(_line, _line)
+def test_parse_inverts_format(instruction, edited):
+    text = ins.format_completion(instruction, edited)
+    assert ins.parse_completion(text) == (instruction.strip(), edited.strip())
+
+
+@given(st.text(max_size=300))
+def test_parse_never_raises_anything_but_malformed(text):
+    try:
+        instruction, edited = ins.parse_completion(text)
+    except ins.MalformedOutputError:
+        return
+    assert instruction and edited and "\n" not in instruction + edited
+
+
+@pytest.mark.parametrize(
+    ("caption", "edited", "identical"),
+    [
+        ("A cat on a mat.", "a cat on a mat", True),
+        ("a cat on a mat", "A Cat On A Mat!!", True),
+        ("a cat on a mat", "  a cat on a mat ?", True),
+        ("a cat on a mat", "a dog on a mat", False),
+        ("a cat on a mat", "a cat, on a mat", False),
+    ],
+)
+def test_identical_edit(caption, edited, identical):
+    assert ins.is_identical_edit(caption, edited) is identical
+
+
+def test_rows_are_filtered_counted_and_in_input_order(server):
+    captions = ["c0 a red car", "c1 a boat", "c2 a tree", "c0 a red car", "c3 a house", "c4 a lamp"]
+    server.set_responder(
+        by_caption(
+            {
+                "c0 a red car": "make the car blue\n%%\nc0 a blue car",
+                "c1 a boat": "sink it",  # no separator
+                "c2 a tree": "do nothing\n%%\nC2 A Tree.",  # identical after normalising
+                "c3 a house": "a\n%%\nb\n%%\nc",  # multiple separators
+                "c4 a lamp": "turn it on\n%%\nc4 a lit lamp",
+            }
+        )
+    )
+    result = run(server, captions, concurrency=3)
+
+    assert result.rows == [
+        ins.EditInstruction("c0 a red car", "make the car blue", "c0 a blue car"),
+        ins.EditInstruction("c4 a lamp", "turn it on", "c4 a lit lamp"),
+    ]
+    stats = result.stats
+    assert (stats.requested, stats.ok, stats.malformed, stats.dropped_identical, stats.duplicates) == (6, 2, 2, 1, 1)
+    # The repeated caption is one request, not two.
+    assert len(server.requests) == 5 == stats.fetched == stats.http_requests
+    assert "malformed output: no separator" in stats.reasons
+    assert_counts_add_up(stats)
+
+
+def test_garbage_model_text_is_malformed_not_a_crash(server):
+    server.enqueue(Reply.ok("\x00\x01 lorem ipsum ### %% ???"))
+    result = run(server, ["a cat"])
+    assert result.rows == []
+    assert (result.stats.malformed, result.stats.failed) == (1, 0)
+    assert len(server.requests) == 1  # a well-formed answer is not retried
+
+
+def test_garbage_non_json_body_is_malformed_and_not_cached(server, tmp_path):
+    server.enqueue(Reply.garbage())
+    cache = tmp_path / "cache.jsonl"
+    result = run(server, ["a cat"], cache_path=cache)
+    assert (result.stats.malformed, result.stats.failed, result.stats.fetched) == (1, 0, 0)
+    assert not cache.exists()
+    # Once the server is sane again, the rerun asks again and gets a real answer.
+    assert run(server, ["a cat"], cache_path=cache).stats.ok == 1
+
+
+def test_output_cut_at_max_tokens_is_malformed_even_from_cache(server, tmp_path):
+    cache = tmp_path / "c.jsonl"
+    server.enqueue(Reply.ok("add snow\n%%\na cat covered in", finish_reason="length"))
+    first = run(server, ["a cat"], cache_path=cache)
+    second = run(server, ["a cat"], cache_path=cache)
+    for result in (first, second):
+        assert (result.stats.ok, result.stats.malformed) == (0, 1)
+        assert "malformed output: truncated at max_tokens" in result.stats.reasons
+    assert len(server.requests) == 1  # paid once
+
+
+def test_wrong_shaped_json_is_retried_then_failed(server):
+    server.enqueue(*[Reply.json({"object": "surprise"})] * FAST_RETRY.max_attempts)
+    result = run(server, ["a cat"])
+    assert result.stats.failed == 1
+    assert len(server.requests) == FAST_RETRY.max_attempts
+    assert any("not a completion" in reason for reason in result.stats.reasons)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Retries
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_retries_429_and_500_then_succeeds(server):
+    server.enqueue(Reply.rate_limited(), Reply.server_error(500), Reply.server_error(503))
+    result = run(server, ["a cat"])
+
+    assert len(result.rows) == 1
+    assert len(server.requests) == 4 == result.stats.http_requests
+    assert all(r.body == server.requests[0].body for r in server.requests)
+    # Our retries are the only ones: the client's own would announce themselves in this header.
+    assert {r.headers.get("x-stainless-retry-count") for r in server.requests} <= {"0", None}
+
+
+def test_retry_after_is_honoured(server):
+    server.enqueue(Reply.rate_limited(retry_after=0.4))
+    run(server, ["a cat"])
+    first, second = server.requests
+    # The back-off alone would be at most 0.05 s.
+    assert second.received_at - first.received_at >= 0.35
+
+
+def test_retry_after_header_forms():
+    assert retry_after_seconds({"retry-after": "2"}) == 2.0
+    assert retry_after_seconds({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert retry_after_seconds({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0
+    assert retry_after_seconds({"retry-after": "soon"}) is None
+    assert retry_after_seconds({}) is None
+
+
+def test_gives_up_after_max_attempts(server):
+    server.enqueue(*[Reply.server_error()] * FAST_RETRY.max_attempts, Reply.ok("never\n%%\nreached"))
+    result = run(server, ["a cat"])
+    assert result.rows == []
+    assert result.stats.failed == 1
+    assert len(server.requests) == FAST_RETRY.max_attempts
+    assert any("HTTP 500" in reason for reason in result.stats.reasons)
+
+
+def test_client_errors_are_not_retried(server):
+    server.enqueue(Reply.error(400, "bad model"))
+    result = run(server, ["a cat"])
+    assert result.stats.failed == 1
+    assert len(server.requests) == 1
+
+
+def test_timeout_then_success(server):
+    server.enqueue(Reply.ok("late\n%%\ntoo late").after(2.0))
+    result = run(server, ["a cat"], timeout=0.3)
+    assert result.rows == [ins.EditInstruction("a cat", "add snow", "a cat, covered in snow")]
+    assert len(server.requests) == 2
+
+
+def test_connection_closed_mid_response_then_success(server):
+    server.enqueue(Reply.disconnect())
+    result = run(server, ["a cat"])
+    assert len(result.rows) == 1
+    assert len(server.requests) == 2
+
+
+def test_malformed_json_fails_after_retries_and_the_rest_carries_on(server):
+    def responder(request: RecordedRequest) -> Reply:
+        if request.caption() == "broken":
+            return Reply.malformed_json()
+        return Reply.ok(f"add snow\n%%\n{request.caption()} in snow")
+
+    server.set_responder(responder)
+    result = run(server, ["a cat", "broken", "a dog"], concurrency=2)
+
+    assert [row.input_caption for row in result.rows] == ["a cat", "a dog"]
+    assert result.stats.failed == 1
+    assert sum(r.caption() == "broken" for r in server.requests) == FAST_RETRY.max_attempts
+    assert any("invalid response" in reason for reason in result.stats.reasons)
+    assert_counts_add_up(result.stats)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_rerun_is_served_from_cache_with_zero_requests(server, tmp_path):
+    cache = tmp_path / "llm_cache.jsonl"
+    captions = [f"caption {i}" for i in range(5)]
+    first = run(server, captions, cache_path=cache, concurrency=3)
+    assert len(server.requests) == 5
+
+    server.reset()
+    second = run(server, captions, cache_path=cache, concurrency=3)
+    assert server.requests == []
+    assert second.rows == first.rows
+    assert (second.stats.cached, second.stats.fetched, second.stats.http_requests) == (5, 0, 0)
+
+
+def test_cache_is_keyed_on_what_determines_the_answer(server, tmp_path):
+    cache = tmp_path / "llm_cache.jsonl"
+    run(server, ["a cat"], cache_path=cache)
+    run(server, ["a cat"], cache_path=cache, model="other-model")
+    run(server, ["a cat"], cache_path=cache, sampling=ins.Sampling(temperature=0.2))
+    run(server, ["a cat"], cache_path=cache, mode="chat")
+    assert len(server.requests) == 4
+    with FakeOpenAIServer() as other:  # another port: another base URL
+        run(other, ["a cat"], cache_path=cache)
+        assert len(other.requests) == 1
+
+
+def test_cache_tolerates_a_torn_last_line(server, tmp_path):
+    cache = tmp_path / "llm_cache.jsonl"
+    run(server, ["a cat", "a dog"], cache_path=cache)
+    with open(cache, "ab") as f:
+        f.write(b'{"key": "abc", "text": "half a rec')  # a crash mid-append
+
+    server.reset()
+    result = run(server, ["a cat", "a dog", "a cow"], cache_path=cache)
+    assert [r.caption() for r in server.requests] == ["a cow"]
+    assert result.stats.ok == 3
+    loaded = InstructionCache(cache)
+    assert (len(loaded), loaded.skipped_lines) == (3, 1)
+
+
+def test_cache_survives_a_restart_mid_run(server, tmp_path):
+    """Answers are durable as they arrive: a caller that dies (here: raises) loses none of them."""
+    cache = tmp_path / "llm_cache.jsonl"
+    captions = [f"caption {i}" for i in range(6)]
+
+    def crash(done, total):
+        if done == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(server, captions, cache_path=cache, concurrency=1, progress=crash)
+    assert len(server.requests) == 3
+
+    server.reset()
+    result = run(server, captions, cache_path=cache, concurrency=2)
+    assert result.stats.cached == 3
+    assert sorted(r.caption() for r in server.requests) == captions[3:]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Concurrency, progress, cancel
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_requests_overlap_up_to_the_limit_and_rows_keep_input_order(server):
+    captions = [f"caption {i}" for i in range(10)]
+
+    def responder(request: RecordedRequest) -> Reply:
+        # Earlier captions answer later, so completion order differs from input order.
+        index = int(request.caption().split()[-1])
+        return Reply.ok(f"add snow\n%%\n{request.caption()} in snow").after(0.05 * (10 - index))
+
+    server.set_responder(responder)
+    result = run(server, captions, concurrency=4)
+
+    assert server.max_in_flight == 4
+    assert [row.input_caption for row in result.rows] == captions
+
+
+def test_concurrency_one_is_sequential(server):
+    server.set_delay(0.02)
+    run(server, [f"caption {i}" for i in range(4)], concurrency=1)
+    assert server.max_in_flight == 1
+
+
+def test_progress_reports_every_request_including_cached(server, tmp_path):
+    cache = tmp_path / "c.jsonl"
+    run(server, ["a", "b"], cache_path=cache)
+    calls: list[tuple[int, int]] = []
+    run(server, ["a", "b", "c", "d"], cache_path=cache, concurrency=1, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(2, 4), (3, 4), (4, 4)]
+    # Callbacks run on the calling thread.
+    seen: set[str] = set()
+    run(server, ["e"], progress=lambda d, t: seen.add(threading.current_thread().name))
+    assert seen == {threading.current_thread().name}
+
+
+def test_cancel_keeps_finished_results_and_caches_them(server, tmp_path):
+    cache = tmp_path / "c.jsonl"
+    captions = [f"caption {i}" for i in range(6)]
+    done = [0]
+
+    result = run(
+        server,
+        captions,
+        cache_path=cache,
+        concurrency=1,
+        progress=lambda d, t: done.__setitem__(0, d),
+        should_cancel=lambda: done[0] >= 2,
+    )
+    assert result.cancelled
+    assert [row.input_caption for row in result.rows] == captions[:2]
+    assert (result.stats.ok, result.stats.cancelled) == (2, 4)
+    assert len(server.requests) == 2
+    assert_counts_add_up(result.stats)
+
+    server.reset()
+    rerun = run(server, captions, cache_path=cache, concurrency=2)
+    assert (rerun.stats.cached, rerun.stats.fetched, rerun.stats.ok) == (2, 4, 6)
+
+
+def test_cancel_cuts_a_back_off_short(server):
+    server.enqueue(Reply.rate_limited(retry_after=30))
+    flag = threading.Event()
+    threading.Timer(0.3, flag.set).start()
+    started = time.monotonic()
+    result = run(
+        server,
+        ["a cat"],
+        retry=ins.RetryPolicy(max_attempts=3, retry_after_max=60),
+        should_cancel=flag.is_set,
+    )
+    assert time.monotonic() - started < 5
+    assert result.cancelled and result.stats.cancelled == 1
+    assert len(server.requests) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Keys
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_the_key_is_never_written_anywhere(server, tmp_path):
+    # An endpoint that echoes the bearer token into its error messages, as some proxies do.
+    def leaky(request: RecordedRequest) -> Reply:
+        if request.caption() == "unauthorised":
+            return Reply.error(401, f"invalid key {request.headers['authorization']}")
+        if request.caption() == "flaky":
+            return Reply.error(503, f"upstream rejected {request.headers['authorization']}")
+        return Reply.ok(f"add snow\n%%\n{request.caption()} in snow")
+
+    server.set_responder(leaky)
+    cache = tmp_path / "cache" / "llm.jsonl"
+    result = run(server, ["a cat", "unauthorised", "flaky", "a dog"], cache_path=cache, mode="chat")
+    ins.save_rows_jsonl(result.rows, tmp_path / "out" / "rows.jsonl")
+
+    assert server.requests[0].headers["authorization"] == f"Bearer {SECRET}"  # the key was in use
+    assert result.stats.failed == 2
+    assert all(SECRET not in reason for reason in result.stats.reasons)
+    assert any(REDACTED in reason for reason in result.stats.reasons)
+    assert SECRET not in repr(result)
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {p.name for p in written} == {"llm.jsonl", "rows.jsonl"}
+    for path in written:
+        assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_key_from_a_key_file(server, tmp_path, monkeypatch):
+    monkeypatch.delenv(KEY_ENV)
+    key_file = tmp_path / "key.txt"
+    key_file.write_text("sk-from-file\n")
+    ep = ins.Endpoint(model="m", base_url=server.base_url, api_key_env=KEY_ENV, api_key_file=key_file)
+    ins.generate_instructions(["a cat"], ep, retry=FAST_RETRY)
+    assert server.requests[0].headers["authorization"] == "Bearer sk-from-file"
+
+
+def test_keyless_local_server_gets_a_placeholder(server, monkeypatch):
+    monkeypatch.delenv(KEY_ENV)
+    result = run(server, ["a cat"])
+    assert result.stats.ok == 1
+    assert server.requests[0].headers["authorization"] == f"Bearer {PLACEHOLDER_KEY}"
+
+
+def test_official_endpoint_without_key_fails_before_any_request(monkeypatch):
+    monkeypatch.delenv(KEY_ENV)
+    ep = ins.Endpoint(model="gpt-4o-mini", api_key_env=KEY_ENV)  # the default base URL, api.openai.com
+    with pytest.raises(ins.MissingAPIKeyError, match=KEY_ENV):
+        ins.generate_instructions(["a cat"], ep)
+
+
+def test_missing_key_file_names_the_path_only(tmp_path):
+    ep = ins.Endpoint(model="m", base_url="http://127.0.0.1:9/v1", api_key_file=tmp_path / "nope.txt")
+    with pytest.raises(ins.MissingAPIKeyError, match=r"nope\.txt") as info:
+        ins.generate_instructions(["a cat"], ep)
+    assert SECRET not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Caption sources and outputs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_caption_files(tmp_path):
+    (tmp_path / "c.txt").write_text("a cat\n\n  a dog  \n")
+    (tmp_path / "c.jsonl").write_text('{"caption": "a cat"}\n\n{"input": "a dog", "other": 1}\n')
+    (tmp_path / "c.csv").write_text('id,caption\n1,a cat\n2,"a dog, sleeping"\n', encoding="utf-8-sig")
+    assert ins.read_captions(tmp_path / "c.txt") == ["a cat", "a dog"]
+    assert ins.read_captions(tmp_path / "c.jsonl") == ["a cat", "a dog"]
+    assert ins.read_captions(tmp_path / "c.csv") == ["a cat", "a dog, sleeping"]
+    assert ins.as_captions(str(tmp_path / "c.txt")) == ["a cat", "a dog"]
+    assert ins.as_captions(tmp_path / "c.csv") == ["a cat", "a dog, sleeping"]
+
+
+def test_caption_text_and_lists():
+    assert ins.as_captions("a cat\n a dog \n\n") == ["a cat", "a dog"]
+    assert ins.as_captions(["a cat", "  ", "a dog"]) == ["a cat", "a dog"]
+    with pytest.raises(FileNotFoundError):
+        ins.as_captions("/nowhere/captions.jsonl")
+    with pytest.raises(TypeError):
+        ins.as_captions(["a cat", 3])  # type: ignore[list-item]
+
+
+def test_bad_caption_files_say_where(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"caption": "a cat"}\n{"text": "a dog"}\n')
+    (tmp_path / "bad.csv").write_text("id,text\n1,a cat\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
+        ins.read_captions(tmp_path / "bad.jsonl")
+    with pytest.raises(ValueError, match="no 'caption' column"):
+        ins.read_captions(tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match="unsupported"):
+        ins.read_captions(tmp_path / "c.parquet")
+
+
+def test_save_rows_uses_the_reference_keys(tmp_path):
+    rows = [ins.EditInstruction("a cat", "add a hat", "a cat in a hat")]
+    path = ins.save_rows_jsonl(rows, tmp_path / "rows.jsonl")
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"input": "a cat", "edit": "add a hat", "output": "a cat in a hat"}
+    ]
+    assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["rows.jsonl"]
+
+
+def test_empty_input_makes_no_requests(server):
+    result = run(server, [])
+    assert result.rows == [] and result.stats.requested == 0
+    assert server.requests == []
