@@ -80,7 +80,7 @@ def guidance_grid(cells: torch.Tensor, row_scales: list[float], column_scales: l
     margin_top, margin_left = 28, 84
     canvas = Image.new("RGB", (margin_left + cols * width, margin_top + rows * height), "white")
     draw = ImageDraw.Draw(canvas)
-    array = (cells.clamp(0, 1).cpu().float().numpy() * 255).round().astype(np.uint8)
+    array = (cells.detach().clamp(0, 1).cpu().float().numpy() * 255).round().astype(np.uint8)
     for index in range(rows * cols):
         r, c = divmod(index, cols)
         canvas.paste(Image.fromarray(array[index]), (margin_left + c * width, margin_top + r * height))

@@ -1,0 +1,293 @@
+"""Parquet datasets in the two column layouts Hugging Face users meet, read and written.
+
+- "diffusers": `input_image, edit_prompt, edited_image`, what diffusers' train_instruct_pix2pix.py reads by
+  default (its column defaults are exactly these names);
+- "public": `original_prompt, original_image, edit_prompt, edited_prompt, edited_image`, the columns of the
+  paper's published clip-filtered dataset.
+
+Images are the `datasets` Image feature struct {bytes, path}; the schema carries the `huggingface` features
+metadata so `datasets.load_dataset` decodes them to PIL images. Our metadata rides along in extra columns.
+
+A written dataset is `data/train-00000.parquet, ...` plus `ip2p_dataset.json`. Each shard appears whole or
+not at all (written under a hidden temporary name, then renamed); the shards on disk are the truth about
+which rows exist, the manifest only records progress and the format.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from .paths import fsync_dir, remove_temps, temp_name
+from .records import IMAGE_FORMATS, EditRow, ImageSource, encode_image, encoded_format, raw_bytes
+from .writer import DatasetWriter, Key
+
+DIFFUSERS = "diffusers"
+PUBLIC = "public"
+
+DATA_DIR = "data"
+_SHARD = re.compile(r"^train-(\d{5,})\.parquet$")
+_IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+_ARROW_TYPES = {"image": _IMAGE_TYPE, "string": pa.string(), "int": pa.int64(), "float": pa.float64()}
+_HF_FEATURES = {
+    "image": {"_type": "Image"},
+    "string": {"dtype": "string", "_type": "Value"},
+    "int": {"dtype": "int64", "_type": "Value"},
+    "float": {"dtype": "float64", "_type": "Value"},
+}
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    field: str  # EditRow attribute ("sample_id" is the row key's second half, not an attribute)
+    kind: str  # image | string | int | float
+
+
+_EXTRA_COLUMNS = (
+    Column("mask", "mask", "image"),
+    Column("group", "group", "string"),
+    Column("seed", "seed", "int"),
+    Column("sample_id", "sample_id", "int"),
+    Column("p", "p", "float"),
+    Column("cfg", "cfg", "float"),
+    Column("clip_sim_0", "clip_sim_0", "float"),
+    Column("clip_sim_1", "clip_sim_1", "float"),
+    Column("clip_sim_dir", "clip_sim_dir", "float"),
+    Column("clip_sim_image", "clip_sim_image", "float"),
+)
+
+# Main columns first and in the published order: scripts that fall back to column positions still work.
+LAYOUTS: dict[str, tuple[Column, ...]] = {
+    DIFFUSERS: (
+        Column("input_image", "input_image", "image"),
+        Column("edit_prompt", "instruction", "string"),
+        Column("edited_image", "edited_image", "image"),
+        Column("input_caption", "input_caption", "string"),
+        Column("output_caption", "output_caption", "string"),
+        *_EXTRA_COLUMNS,
+    ),
+    PUBLIC: (
+        Column("original_prompt", "input_caption", "string"),
+        Column("original_image", "input_image", "image"),
+        Column("edit_prompt", "instruction", "string"),
+        Column("edited_prompt", "output_caption", "string"),
+        Column("edited_image", "edited_image", "image"),
+        *_EXTRA_COLUMNS,
+    ),
+}
+# The columns that identify a layout when reading a file made elsewhere.
+_REQUIRED = {
+    PUBLIC: {"original_prompt", "original_image", "edit_prompt", "edited_prompt", "edited_image"},
+    DIFFUSERS: {"input_image", "edit_prompt", "edited_image"},
+}
+
+
+def arrow_schema(layout: str) -> pa.Schema:
+    columns = LAYOUTS[layout]
+    features = {column.name: _HF_FEATURES[column.kind] for column in columns}
+    metadata = {"huggingface": json.dumps({"info": {"features": features}})}
+    return pa.schema([pa.field(c.name, _ARROW_TYPES[c.kind]) for c in columns], metadata=metadata)
+
+
+def layout_of_columns(names: set[str]) -> str | None:
+    for layout in (PUBLIC, DIFFUSERS):
+        if _REQUIRED[layout] <= names:
+            return layout
+    return None
+
+
+def parquet_files(path: Path) -> list[Path]:
+    """The parquet files of a dataset: the file itself, or every visible *.parquet below the folder."""
+    if path.is_file():
+        return [path]
+    files = []
+    for file in sorted(path.rglob("*.parquet")):
+        parts = file.relative_to(path).parts
+        if not any(part.startswith((".", "_")) for part in parts):
+            files.append(file)
+    return files
+
+
+def detect_parquet_layout(path: Path) -> str | None:
+    files = parquet_files(path)
+    if not files:
+        return None
+    return layout_of_columns(set(pq.read_schema(files[0]).names))
+
+
+def iter_parquet_rows(path: Path, layout: str | None = None, batch_size: int = 16) -> Iterator[EditRow]:
+    """Rows of every parquet file of `path`, a few at a time; images are lazily opened PIL images."""
+    for file in parquet_files(path):
+        parquet = pq.ParquetFile(file)
+        names = set(parquet.schema_arrow.names)
+        file_layout = layout or layout_of_columns(names)
+        if file_layout is None or not _REQUIRED[file_layout] <= names:
+            raise ValueError(
+                f"{file} has columns {sorted(names)}; expected {sorted(_REQUIRED[DIFFUSERS])} (diffusers) "
+                f"or {sorted(_REQUIRED[PUBLIC])} (public clip-filtered)"
+            )
+        columns = [column for column in LAYOUTS[file_layout] if column.name in names]
+        wanted = [column.name for column in columns]
+        for batch in parquet.iter_batches(batch_size=batch_size, columns=wanted):
+            for record in batch.to_pylist():
+                yield _row_from_record(record, columns, file.parent)
+
+
+def _row_from_record(record: dict[str, Any], columns: list[Column], base: Path) -> EditRow:
+    values: dict[str, Any] = {}
+    for column in columns:
+        if column.field == "sample_id":
+            continue
+        value = record[column.name]
+        values[column.field] = _decode_image(value, base) if column.kind == "image" else value
+    return EditRow(**values)
+
+
+def _decode_image(value: Any, base: Path) -> Image.Image | Path | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        data, path = value.get("bytes"), value.get("path")
+    elif isinstance(value, bytes):
+        data, path = value, None
+    else:
+        data, path = None, str(value)
+    if data is not None:
+        return Image.open(io.BytesIO(data))
+    if path:
+        return base / path
+    return None
+
+
+class ParquetWriter(DatasetWriter):
+    """Writes shards of `rows_per_shard` rows; a shard is also cut when the buffered images pass
+    `max_shard_bytes` or the oldest buffered row waited `flush_interval_s`, so a crash loses little work.
+
+    Images given as files or encoded bytes are stored as they are; PIL images are encoded as `image_format`
+    ("png", lossless, by default).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        name: str,
+        *,
+        layout: str = DIFFUSERS,
+        rows_per_shard: int = 256,
+        max_shard_bytes: int = 256 * 1024 * 1024,
+        flush_interval_s: float = 60.0,
+        image_format: str = "png",
+    ) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"parquet layout must be one of {sorted(LAYOUTS)}, got {layout!r}")
+        if image_format.lower().lstrip(".") not in IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {sorted(IMAGE_FORMATS)}, got {image_format!r}")
+        if rows_per_shard < 1:
+            raise ValueError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
+        self.format = layout
+        self._schema = arrow_schema(layout)
+        self._columns = LAYOUTS[layout]
+        self._image_format = IMAGE_FORMATS[image_format.lower().lstrip(".")]
+        self._rows_per_shard = rows_per_shard
+        self._max_shard_bytes = max_shard_bytes
+        self._flush_interval_s = flush_interval_s
+        self._buffer: list[dict[str, Any]] = []
+        self._buffer_bytes = 0
+        self._buffer_since = 0.0
+        self._shards: list[str] = []
+        self._next_shard = 0
+        super().__init__(root, name)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.path / DATA_DIR
+
+    def _recover(self) -> None:
+        self.data_dir.mkdir(exist_ok=True)
+        remove_temps(self.data_dir)
+        for shard in sorted(self.data_dir.iterdir()):
+            match = _SHARD.match(shard.name)
+            if not match:
+                continue
+            names = set(pq.read_schema(shard).names)
+            if not {"group", "sample_id"} <= names or layout_of_columns(names) != self.format:
+                raise ValueError(f"{shard} is not a {self.format!r} shard written by this pack")
+            keys = pq.read_table(shard, columns=["group", "sample_id"]).to_pydict()
+            self._keys.update(zip(keys["group"], keys["sample_id"], strict=True))
+            self._committed += len(keys["group"])
+            self._shards.append(shard.name)
+            self._next_shard = max(self._next_shard, int(match.group(1)) + 1)
+
+    def _manifest_extra(self) -> dict[str, Any]:
+        return {"shards": [f"{DATA_DIR}/{name}" for name in self._shards]}
+
+    def _add(self, row: EditRow, key: Key) -> None:
+        record = self._record(row, key)
+        if not self._buffer:
+            self._buffer_since = time.monotonic()
+        self._buffer.append(record)
+        self._buffer_bytes += _image_bytes_in(record, self._columns)
+        if (
+            len(self._buffer) >= self._rows_per_shard
+            or self._buffer_bytes >= self._max_shard_bytes
+            or time.monotonic() - self._buffer_since >= self._flush_interval_s
+        ):
+            self.flush()
+
+    def _record(self, row: EditRow, key: Key) -> dict[str, Any]:
+        record: dict[str, Any] = {}
+        for column in self._columns:
+            if column.field == "sample_id":
+                record[column.name] = key[1]
+                continue
+            value = getattr(row, column.field)
+            if column.kind == "image":
+                value = None if value is None else {"bytes": self._image_bytes(value), "path": None}
+            record[column.name] = value
+        return record
+
+    def _image_bytes(self, source: ImageSource) -> bytes:
+        raw = raw_bytes(source)
+        # Any encoding PIL can read is fine for the Image feature, so files go in unchanged.
+        if raw is not None and encoded_format(raw) is not None:
+            return raw
+        return encode_image(source, self._image_format)
+
+    def flush(self) -> None:
+        """Write the buffered rows as the next shard (complete or absent, whatever happens)."""
+        if not self._buffer:
+            return
+        table = pa.Table.from_pylist(self._buffer, schema=self._schema)
+        name = f"train-{self._next_shard:05d}.parquet"
+        final = self.data_dir / name
+        tmp = temp_name(final)
+        with open(tmp, "wb") as handle:
+            # Small row groups keep a reader's memory low when images are large.
+            pq.write_table(table, handle, row_group_size=64)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+        fsync_dir(self.data_dir)
+        self._committed += len(self._buffer)
+        self._shards.append(name)
+        self._next_shard += 1
+        self._buffer = []
+        self._buffer_bytes = 0
+        self._write_manifest(clean=False)
+
+
+def _image_bytes_in(record: dict[str, Any], columns: tuple[Column, ...]) -> int:
+    cells = (record[column.name] for column in columns if column.kind == "image")
+    return sum(len(cell["bytes"]) for cell in cells if cell is not None)

@@ -1,0 +1,176 @@
+"""What every dataset writer shares: a safe folder, one writer at a time, a manifest, and exactly-once rows.
+
+A writer is opened on `root` + a relative name (see `paths.resolve_inside`). Opening an existing dataset
+resumes it: the format-specific `_recover` reads back which (group, sample_id) keys are already on disk and
+cleans up what a killed writer left half done, so `add` skips rows that are already there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import IO, Any
+
+from .paths import atomic_write_json, resolve_inside
+from .records import EditRow, row_key
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+try:
+    import msvcrt
+except ImportError:  # POSIX
+    msvcrt = None
+
+MANIFEST_NAME = "ip2p_dataset.json"
+LOCK_NAME = ".ip2p_writer.lock"
+WRITER_ID = "comfyui_ip2p"
+
+Key = tuple[str, int]
+
+
+class WriterBusyError(RuntimeError):
+    """Another writer (in this or another process) holds the dataset folder."""
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) and value.get("writer") == WRITER_ID else None
+
+
+class DatasetWriter:
+    """Base class; use `formats.open_writer` to get one. A context manager: leaving the block finishes it.
+
+    `add(row)` returns False (and writes nothing) when the row's key is already in the dataset, so a job
+    that died can simply be run again from the start.
+    """
+
+    format = ""
+
+    def __init__(self, root: str | os.PathLike, name: str) -> None:
+        self.path = resolve_inside(root, name)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._lock = _take_lock(self.path / LOCK_NAME)
+        self._keys: set[Key] = set()
+        self._committed = 0
+        self._closed = False
+        try:
+            self._check_folder()
+            self._recover()
+            self._write_manifest(clean=False)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    # -- public API ------------------------------------------------------------------------------------
+
+    def add(self, row: EditRow) -> bool:
+        """Write `row` unless its (group, sample_id) is already present; True when it was added."""
+        if self._closed:
+            raise ValueError(f"writer for {self.path} is closed")
+        key = row_key(row)
+        if key in self._keys:
+            return False
+        self._add(row, key)
+        self._keys.add(key)
+        return True
+
+    def extend(self, rows: Iterable[EditRow]) -> int:
+        return sum(self.add(row) for row in rows)
+
+    def has(self, group: str, sample: int) -> bool:
+        """Whether the sample (its seed, or its content id when seedless) of `group` is already written."""
+        return (group, int(sample)) in self._keys
+
+    @property
+    def keys(self) -> frozenset[Key]:
+        return frozenset(self._keys)
+
+    def __len__(self) -> int:
+        """Rows that are on disk for good (a crash now keeps exactly these)."""
+        return self._committed
+
+    def flush(self) -> None:
+        """Make every added row durable now."""
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.flush()
+            self._finish()
+            self._write_manifest(clean=True)
+        finally:
+            self._closed = True
+            self._lock.close()
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # Rows added before an error are complete rows: keep them, also when the block failed.
+        self.close()
+
+    # -- for subclasses --------------------------------------------------------------------------------
+
+    def _check_folder(self) -> None:
+        manifest = read_manifest(self.path)
+        if manifest is not None:
+            if manifest.get("format") != self.format:
+                raise ValueError(
+                    f"{self.path} holds a {manifest.get('format')!r} dataset; open it with "
+                    f"format={manifest.get('format')!r} or choose another name for a {self.format!r} dataset"
+                )
+            return
+        if not self._accepts_foreign_folder():
+            raise ValueError(
+                f"{self.path} already has files that are not a dataset written by this pack; "
+                "choose another name (an empty or new folder)"
+            )
+
+    def _accepts_foreign_folder(self) -> bool:
+        return not any(entry.name != LOCK_NAME for entry in self.path.iterdir())
+
+    def _manifest_extra(self) -> dict[str, Any]:
+        return {}
+
+    def _write_manifest(self, clean: bool) -> None:
+        manifest = {"writer": WRITER_ID, "version": 1, "format": self.format, "clean": clean}
+        manifest["rows"] = self._committed
+        manifest.update(self._manifest_extra())
+        atomic_write_json(self.path / MANIFEST_NAME, manifest)
+
+    def _recover(self) -> None:
+        raise NotImplementedError
+
+    def _add(self, row: EditRow, key: Key) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        """Last writes of a clean close (after flush, before the manifest says clean)."""
+
+
+def _take_lock(path: Path) -> IO[bytes]:
+    """An exclusive lock on `path` held while the handle is open; the OS drops it when the process dies."""
+    handle = open(path, "a+b")  # noqa: SIM115 - the handle is the lock and lives as long as the writer
+    try:
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        elif msvcrt is not None:
+            handle.seek(0)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError:
+        handle.close()
+        raise WriterBusyError(
+            f"another writer is writing {path.parent}; wait until it finishes or choose another name"
+        ) from None
+    return handle

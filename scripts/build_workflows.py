@@ -1,0 +1,108 @@
+"""Regenerates the shipped UI-format workflows in workflows/ from the descriptions below.
+
+    .runtime/venv/bin/python scripts/build_workflows.py
+
+The JSON files are what ships and what the tests execute; this script only saves hand-placing nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+REAL_CHECKPOINT = "instruct-pix2pix-00-22000.safetensors"
+HERE = Path(__file__).resolve().parent.parent / "workflows"
+
+EDIT_NOTE = (
+    "## InstructPix2Pix edit\n"
+    f"Put an InstructPix2Pix checkpoint (e.g. `{REAL_CHECKPOINT}`) in `models/checkpoints`, load your photo, "
+    "write what to change as an instruction, and queue.\n\n"
+    "- **image_guidance** (s_I, 1.5): higher keeps more of the photo.\n"
+    "- **text_guidance** (s_T, 7.5): higher follows the instruction more strongly.\n"
+    "- Unsure? Try the Guidance Grid node."
+)
+
+
+def boot(base: Path) -> dict:
+    from comfyui_ip2p.headless import runtime
+    from comfyui_ip2p.headless.workflow import object_info_in_process
+    from comfyui_ip2p.testing.comfy_server import link_pack
+
+    (base / "models/checkpoints").mkdir(parents=True)
+    (base / "models/checkpoints" / REAL_CHECKPOINT).write_bytes(b"")
+    (base / "input").mkdir()
+    (base / "input/example.png").write_bytes(b"")
+    link_pack(base)
+    runtime.boot(base, cpu=True)
+    runtime.load_nodes()
+    return object_info_in_process()
+
+
+def basic_edit(info: dict) -> dict:
+    from comfyui_ip2p.testing.workflow_builder import UIWorkflow
+
+    wf = UIWorkflow(info)
+    model = wf.add("LoadIP2PModel", checkpoint=REAL_CHECKPOINT)
+    image = wf.add("LoadImage", image="example.png")
+    edit = wf.add("InstructEdit", instruction="make it winter", image_guidance=1.5, text_guidance=7.5, steps=20,
+                  seed=0, sampler_name="euler_ancestral", scheduler="normal", resolution=512,
+                  keep_input_size=True, negative="", variations=1)
+    save = wf.add("SaveImage", filename_prefix="instruct_edit")
+    for slot, name in enumerate(("model", "clip", "vae")):
+        wf.connect(model, slot, edit, name)
+    wf.connect(image, 0, edit, "image")
+    wf.connect(edit, 0, save, "images")
+    wf.note("How to use", EDIT_NOTE)
+    return wf.build()
+
+
+def advanced_edit(info: dict) -> dict:
+    """LoadIP2PModel chained with core nodes: a model patch, text encoders, decode, upscale, save."""
+    from comfyui_ip2p.testing.workflow_builder import UIWorkflow
+
+    wf = UIWorkflow(info)
+    model = wf.add("LoadIP2PModel", checkpoint=REAL_CHECKPOINT)
+    image = wf.add("LoadImage", image="example.png")
+    resize = wf.add("IP2PReferenceResize", resolution=512)
+    freeu = wf.add("FreeU_V2", b1=1.3, b2=1.4, s1=0.9, s2=0.2)
+    positive = wf.add("CLIPTextEncode", title="Instruction", text="turn the sky into a sunset")
+    negative = wf.add("CLIPTextEncode", title="Empty prompt (unconditional)", text="")
+    sampler = wf.add("DualCFGSampler", image_guidance=1.5, text_guidance=7.5, steps=20, seed=0,
+                     sampler_name="euler_ancestral", scheduler="normal", denoise=1.0)
+    decode = wf.add("VAEDecode")
+    upscale = wf.add("ImageScaleBy", upscale_method="lanczos", scale_by=1.5)
+    save = wf.add("SaveImage", filename_prefix="instruct_edit_advanced")
+    wf.connect(model, 0, freeu, "model")
+    wf.connect(freeu, 0, sampler, "model")
+    wf.connect(model, 1, positive, "clip")
+    wf.connect(model, 1, negative, "clip")
+    wf.connect(positive, 0, sampler, "positive")
+    wf.connect(negative, 0, sampler, "negative")
+    wf.connect(image, 0, resize, "image")
+    wf.connect(resize, 0, sampler, "image")
+    wf.connect(model, 2, sampler, "vae")
+    wf.connect(sampler, 0, decode, "samples")
+    wf.connect(model, 2, decode, "vae")
+    wf.connect(decode, 0, upscale, "image")
+    wf.connect(upscale, 0, save, "images")
+    wf.note("Advanced edit", "The edit as separate core-compatible pieces: patch the model (FreeU here, or a LoRA "
+                             "loader), encode the texts yourself, sample with the Dual CFG Sampler (its GUIDER "
+                             "output also plugs into SamplerCustomAdvanced), then post-process.\n\n" + EDIT_NOTE)
+    return wf.build()
+
+
+WORKFLOWS = {"instruct_edit.json": basic_edit, "instruct_edit_advanced.json": advanced_edit}
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        info = boot(Path(tmp))
+        HERE.mkdir(exist_ok=True)
+        for name, build in WORKFLOWS.items():
+            (HERE / name).write_text(json.dumps(build(info), indent=2) + "\n")
+            print(f"wrote workflows/{name}")
+
+
+if __name__ == "__main__":
+    main()
