@@ -30,6 +30,15 @@ def comfyui_dir() -> Path:
     )
 
 
+def prepare_base(base: Path) -> None:
+    """Creates ComfyUI's folders under a base directory and links this pack into its custom_nodes."""
+    for sub in ("models/checkpoints", "input", "output", "temp", "custom_nodes"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    link = base / "custom_nodes" / "comfyui_ip2p"
+    if not link.exists():
+        link.symlink_to(Path(__file__).resolve().parent.parent, target_is_directory=True)
+
+
 def boot(base_dir: str | os.PathLike | None = None, cpu: bool | None = None) -> Path:
     """Imports ComfyUI with `base_dir` as its base directory (models/, input/, output/, temp/, custom_nodes/).
 
@@ -37,6 +46,8 @@ def boot(base_dir: str | os.PathLike | None = None, cpu: bool | None = None) -> 
     only run once per process; a second call with the same base directory is a no-op.
     """
     base = str(Path(base_dir).resolve()) if base_dir else None
+    if base:
+        prepare_base(Path(base))
     if _BOOTED:
         if base != _BOOTED["base"]:
             raise RuntimeError(f"ComfyUI already booted with base {_BOOTED['base']}, not {base}")
@@ -130,6 +141,12 @@ def run_prompt(prompt: dict, on_event=None, extra_data: dict | None = None) -> R
     if not valid[0]:
         return RunResult(ok=False, error=valid[1], node_errors=valid[3])
     server = _ServerStub(on_event)
+    import comfy.utils
+
+    def progress_hook(value, total, preview=None, prompt_id=None, node_id=None):
+        server.send_sync("progress", {"value": value, "max": total, "node": node_id})
+
+    comfy.utils.set_progress_bar_global_hook(progress_hook)
     executor = execution.PromptExecutor(server, cache_type=execution.CacheType.NONE,
                                         cache_args={"lru": 0, "ram": 0})
     executor.execute(prompt, prompt_id, extra_data or {}, valid[2])

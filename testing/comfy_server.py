@@ -19,6 +19,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from ..headless.runtime import prepare_base
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -27,13 +29,9 @@ def free_port() -> int:
 
 
 def link_pack(base_dir: Path) -> Path:
-    """Makes `base_dir/custom_nodes/comfyui_ip2p` point at this pack's folder."""
-    pack = Path(__file__).resolve().parent.parent
-    link = base_dir / "custom_nodes" / "comfyui_ip2p"
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if not link.exists():
-        link.symlink_to(pack, target_is_directory=True)
-    return link
+    """Makes `base_dir/custom_nodes/comfyui_ip2p` point at this pack's folder (plus ComfyUI's folders)."""
+    prepare_base(Path(base_dir))
+    return Path(base_dir) / "custom_nodes" / "comfyui_ip2p"
 
 
 class ComfyServer:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from comfyui_ip2p.headless.runtime import run_prompt
+from PIL import Image
 
 SETTINGS = {"steps": 3, "seed": 7, "sampler_name": "euler_ancestral", "scheduler": "normal"}
 
@@ -182,7 +181,6 @@ def test_instruct_edit_refuses_text_to_image_model(comfy_nodes, tiny_t2i_ckpt, i
 
 def test_convert_to_ip2p_is_exact_with_zero_image_latent(comfy_nodes, comfy_base, tiny_t2i_ckpt):
     import comfy.sd
-
     from comfyui_ip2p.pipeline.loading import CONV_IN, convert_to_ip2p, is_ip2p
 
     path = str(comfy_base / "models/checkpoints" / tiny_t2i_ckpt)

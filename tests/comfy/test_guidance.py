@@ -47,7 +47,6 @@ class Probe:
 
 def run_probe(loaded, s_i, s_t, pixels):
     import comfy.sample
-
     from comfyui_ip2p.pipeline.edit import encode_image, encode_text
     from comfyui_ip2p.pipeline.guider import make_guider
 
@@ -71,7 +70,7 @@ def run_probe(loaded, s_i, s_t, pixels):
                                                (0.0, 0.0, 3), (1.3, 12.0, 3)])
 def test_guided_prediction_is_the_formula_in_one_batched_call(loaded, s_i, s_t, branches):
     pixels = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0))
-    guided, probe, image_latent = run_probe(loaded, s_i, s_t, pixels)
+    guided, probe, _ = run_probe(loaded, s_i, s_t, pixels)
     uncond, image, full = 1.0, 101.0, 111.0
     expected = uncond + s_i * (image - uncond) + s_t * (full - image)
     torch.testing.assert_close(guided, torch.full_like(guided, expected), rtol=1e-5, atol=1e-4)
@@ -100,11 +99,10 @@ def test_one_step_and_short_run_match_diffusers_pipeline(loaded, comfy_base, tin
     """Identical weights, noise, sigmas and embeddings: ComfyUI + our guider vs diffusers' IP2P pipeline."""
     import comfy.samplers
     import comfy.utils
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
-
     from comfyui_ip2p.pipeline.edit import encode_image, encode_text
     from comfyui_ip2p.pipeline.guider import make_guider
     from comfyui_ip2p.testing.tiny_models import LAYOUTS, diffusers_twin
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
 
     model, clip, vae = loaded
     sd = comfy.utils.load_torch_file(str(comfy_base / "models/checkpoints" / tiny_ip2p_ckpt))

@@ -29,7 +29,6 @@ def test_same_seed_same_weights_other_seed_other_weights():
 @pytest.mark.parametrize("in_channels", [8, 4])
 def test_diffusers_twin_matches_comfyui_unet(comfy_base, in_channels):
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-
     from comfyui_ip2p.testing.tiny_models import LAYOUTS, UNET_PREFIX, diffusers_twin, unet_state_dict
 
     layout = LAYOUTS["tiny"]
