@@ -200,3 +200,23 @@ def test_convert_to_ip2p_is_exact_with_zero_image_latent(comfy_nodes, comfy_base
         original = t2i.model.apply_model(x, sigma, c_crossattn=context)
         widened = converted.model.apply_model(x, sigma, c_crossattn=context, c_concat=torch.zeros_like(x))
     torch.testing.assert_close(widened, original, rtol=1e-5, atol=1e-5)
+
+
+def test_cancel_stops_the_edit_within_a_step(comfy_nodes, comfy_base, tiny_ip2p_ckpt, input_image):
+    import comfy.model_management
+
+    steps_seen: list[int] = []
+
+    def on_event(event, data):
+        if event == "progress":
+            steps_seen.append(data["value"])
+            if data["value"] == 2:
+                comfy.model_management.interrupt_current_processing(True)
+
+    prompt = edit_graph(tiny_ip2p_ckpt, input_image, steps=50)
+    result = run_prompt(prompt, on_event=on_event)
+    assert not result.ok
+    assert any(event == "execution_interrupted" for event, _ in result.events)
+    assert max(steps_seen) <= 3, f"sampling went on after the cancel: {steps_seen}"
+    # the next prompt runs normally: the interrupt flag does not leak
+    assert run_prompt(edit_graph(tiny_ip2p_ckpt, input_image, steps=1)).ok
