@@ -1,21 +1,19 @@
-"""Node classes only: each family module parses inputs, calls the work in pipeline/ and wraps outputs."""
+"""Node classes only: each family module (nodes_<family>.py) parses inputs, calls the work in pipeline/
+(or dataset/, training/) and wraps outputs. Every family module lists its node classes in `NODES`."""
+
+import importlib
+import pkgutil
 
 from comfy_api.v0_0_2 import ComfyExtension, io
 
-from .nodes_edit import DualCFGSampler, InstructEdit, IP2PGuidanceGrid
-from .nodes_image import IP2PReferenceResize
-from .nodes_loading import ConvertToIP2P, LoadIP2PModel
 
-NODES: list[type[io.ComfyNode]] = [
-    LoadIP2PModel,
-    ConvertToIP2P,
-    InstructEdit,
-    DualCFGSampler,
-    IP2PGuidanceGrid,
-    IP2PReferenceResize,
-]
+def discover() -> list[type[io.ComfyNode]]:
+    found: list[type[io.ComfyNode]] = []
+    for module in sorted(m.name for m in pkgutil.iter_modules(__path__) if m.name.startswith("nodes_")):
+        found += importlib.import_module(f"{__name__}.{module}").NODES
+    return found
 
 
 class IP2PExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return list(NODES)
+        return discover()

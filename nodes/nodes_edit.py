@@ -215,3 +215,6 @@ class IP2PGuidanceGrid(io.ComfyNode):
                 cells.append(decode(vae, edit_latents(model, positive, uncond, image_latent, settings)))
         batch = torch.cat(cells, dim=0)
         return io.NodeOutput(guidance_grid(batch, image_scales, text_scales), batch)
+
+
+NODES = [InstructEdit, DualCFGSampler, IP2PGuidanceGrid]

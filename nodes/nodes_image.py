@@ -32,3 +32,6 @@ class IP2PReferenceResize(io.ComfyNode):
     def execute(cls, image, resolution) -> io.NodeOutput:
         width, height = reference_size(image.shape[2], image.shape[1], resolution)
         return io.NodeOutput(resize_lanczos(to_rgb(image), width, height), width, height)
+
+
+NODES = [IP2PReferenceResize]

