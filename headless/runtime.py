@@ -133,6 +133,7 @@ def format_error(result: RunResult) -> str:
 
 def run_prompt(prompt: dict, on_event=None, extra_data: dict | None = None) -> RunResult:
     """Validates and executes an API-format graph with a fresh executor (no cache between runs)."""
+    import comfy.utils
     import execution
 
     load_nodes()
@@ -141,15 +142,18 @@ def run_prompt(prompt: dict, on_event=None, extra_data: dict | None = None) -> R
     if not valid[0]:
         return RunResult(ok=False, error=valid[1], node_errors=valid[3])
     server = _ServerStub(on_event)
-    import comfy.utils
 
     def progress_hook(value, total, preview=None, prompt_id=None, node_id=None):
         server.send_sync("progress", {"value": value, "max": total, "node": node_id})
 
+    previous_hook = comfy.utils.PROGRESS_BAR_HOOK
     comfy.utils.set_progress_bar_global_hook(progress_hook)
     executor = execution.PromptExecutor(server, cache_type=execution.CacheType.NONE,
                                         cache_args={"lru": 0, "ram": 0})
-    executor.execute(prompt, prompt_id, extra_data or {}, valid[2])
+    try:
+        executor.execute(prompt, prompt_id, extra_data or {}, valid[2])
+    finally:
+        comfy.utils.set_progress_bar_global_hook(previous_hook)
     error = next((data for event, data in executor.status_messages
                   if event in ("execution_error", "execution_interrupted")), None)
     return RunResult(ok=executor.success and error is None, outputs=executor.history_result.get("outputs", {}),

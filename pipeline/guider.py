@@ -7,6 +7,7 @@ import comfy.samplers
 import node_helpers
 
 from ..samplers.dual_cfg import BRANCHES, branches_needed, check_scales, combine
+from .attention import with_fused_attention
 
 
 def with_image(conditioning: list, image_latent) -> list:
@@ -58,7 +59,7 @@ class IP2PGuider(comfy.samplers.CFGGuider):
 
 
 def make_guider(model, positive, negative, image_latent, image_scale: float, text_scale: float) -> IP2PGuider:
-    guider = IP2PGuider(model)
+    guider = IP2PGuider(with_fused_attention(model))
     guider.set_conds(positive, negative, image_latent)
     guider.set_cfg(image_scale, text_scale)
     return guider

@@ -54,7 +54,8 @@ def run_probe(loaded, s_i, s_t, pixels):
     empty = encode_text(clip, "")
     probe = Probe(empty[0][0])
     patched = model.clone()
-    patched.set_model_unet_function_wrapper(probe)
+    # a plain function: ModelPatcher.clone() may copy option objects, and the probe's record must survive
+    patched.set_model_unet_function_wrapper(lambda apply_model, args: probe(apply_model, args))
     image_latent = encode_image(vae, pixels)
     guider = make_guider(patched, encode_text(clip, "make it winter"), empty, image_latent, s_i, s_t)
     store: list = []
@@ -153,3 +154,24 @@ def test_one_step_and_short_run_match_diffusers_pipeline(loaded, comfy_base, tin
     assert rel_step < 1e-4, f"one guided step differs from diffusers: relative error {rel_step:.2e}"
     rel_run = ((ours - theirs).norm() / theirs.norm()).item()
     assert rel_run < 1e-3, f"{steps}-step run differs from diffusers: relative error {rel_run:.2e}"
+
+
+def test_fused_attention_clone_leaves_original_and_user_overrides_alone(loaded):
+    import comfy.ldm.modules.attention as attention
+    from comfyui_ip2p.pipeline.attention import with_fused_attention
+
+    model = loaded[0]
+    patched = with_fused_attention(model)
+    if attention.optimized_attention is attention.attention_pytorch:
+        assert patched is model
+        return
+    assert patched is not model
+    assert "optimized_attention_override" not in model.model_options.get("transformer_options", {})
+    user = model.clone()
+    user.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = print
+    assert with_fused_attention(user) is user
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 300, 8 * 40, generator=gen) for _ in range(3))
+    fused = patched.model_options["transformer_options"]["optimized_attention_override"]
+    torch.testing.assert_close(fused(attention.attention_sub_quad, q, k, v, 8),
+                               attention.attention_sub_quad(q, k, v, 8), rtol=1e-4, atol=1e-5)
