@@ -1,0 +1,519 @@
+"""ComfyUI glue for the dataset nodes: ComfyUI's folders, progress, interrupts and model memory around the pure
+code in dataset/ (instructions, CLIP filter, formats).
+
+Where things live (all through folder_paths, whatever a workflow says):
+- caption files: ComfyUI's input folder;
+- API key files: `user/__ip2p_keys/`, a ComfyUI *system user* folder that no HTTP endpoint serves (the input
+  and output folders are readable through /view, and `user/<name>/` through /userdata);
+- the LLM answer cache: `output/ip2p_cache/instructions.jsonl` (the temp folder is wiped at start-up, so a
+  cache there would not survive the crash it is meant for);
+- CLIP filter weights: `models/clip_filter/` (registered below, extendable in extra_model_paths.yaml);
+- datasets: written inside the output folder only; read from the input or the output folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from itertools import islice
+from pathlib import Path
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ..dataset import clip_filter
+from ..dataset.clip_filter import ClipEncoder, ClipFilterConfig, ClipScores, ClipWeightsNotFoundError
+from ..dataset.format_reference import SEEDS_NAME
+from ..dataset.formats import FORMATS, detect_format, iter_rows, open_writer
+from ..dataset.instructions import (
+    CAPTION_SUFFIXES,
+    Endpoint,
+    InstructionStats,
+    MissingAPIKeyError,
+    Sampling,
+    as_captions,
+    generate_instructions,
+    read_captions,
+)
+from ..dataset.paths import resolve_inside
+from ..dataset.records import EditRow, open_image
+from ..dataset.writer import MANIFEST_NAME, WriterBusyError
+
+NO_FILE = "none"
+CACHE_DIR = "ip2p_cache"
+KEYS_USER = "ip2p_keys"
+CLIP_FOLDER = "clip_filter"
+DEFAULT_CLIP_WEIGHTS = "ViT-L-14.pt"
+CLIP_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+DATASET_ROOTS = ("output", "input")
+
+# Only variables named like API keys may be read: a shared workflow could otherwise name any secret in the
+# environment (cloud credentials, tokens) and send it as the bearer token to a base_url of its choosing.
+_KEY_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*API_KEY$", re.IGNORECASE)
+_SCAN_LIMIT = 2000  # entries looked at per folder level when listing datasets or caption files
+_PARQUET_SCAN_LIMIT = 200
+
+
+def register_clip_folder() -> None:
+    folder_paths.add_model_folder_path(CLIP_FOLDER, os.path.join(folder_paths.models_dir, CLIP_FOLDER))
+
+
+register_clip_folder()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Instructions
+# ---------------------------------------------------------------------------------------------------------
+
+
+def caption_file_choices() -> list[str]:
+    """NO_FILE, then every .txt/.jsonl/.csv under the input folder (relative, with / separators)."""
+    root = Path(folder_paths.get_input_directory())
+    found: list[str] = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [
+            (Path(folder) / name).relative_to(root).as_posix()
+            for name in sorted(files)
+            if name.lower().endswith(CAPTION_SUFFIXES) and not name.startswith(".")
+        ]
+        if len(found) >= _SCAN_LIMIT:
+            break
+    return [NO_FILE, *found]
+
+
+def collect_captions(text: str, captions_file: str) -> list[str]:
+    """Captions from the chosen input-folder file, else from the text (one per line).
+
+    The text is split here, never handed to `as_captions` as one string, which would read a one-line text
+    ending in .txt as a path anywhere on disk.
+    """
+    if captions_file and captions_file != NO_FILE:
+        root = folder_paths.get_input_directory()
+        path = _inside(root, captions_file, "captions_file")
+        if not path.is_file():
+            raise FileNotFoundError(f"captions_file {captions_file!r} is not a file in the input folder {root}")
+        captions = read_captions(path)
+        source = f"captions_file {captions_file!r}"
+    else:
+        captions = as_captions(text.splitlines())
+        source = "captions"
+    if not captions:
+        raise ValueError(f"{source} holds no captions: write one caption per line, or choose a captions_file")
+    return captions
+
+
+def _inside(root: str | os.PathLike, name: str, what: str) -> Path:
+    try:
+        return resolve_inside(root, name)
+    except ValueError as error:
+        raise ValueError(f"{what} {name!r} must name a file inside {root}: {error}") from None
+
+
+def key_env_name(name: str) -> str | None:
+    name = name.strip()
+    if not name:
+        return None
+    if not _KEY_ENV_NAME.match(name):
+        raise ValueError(
+            f"api_key_env must be the NAME of an environment variable ending in API_KEY (e.g. OPENAI_API_KEY), "
+            f"got {name!r}; other variables are not read, so a shared workflow cannot send them anywhere"
+        )
+    return name
+
+
+def keys_directory() -> Path:
+    return Path(folder_paths.get_system_user_directory(KEYS_USER))
+
+
+def key_file_path(name: str) -> Path | None:
+    """The key file `name` in user/__ip2p_keys/, or None for no file."""
+    name = name.strip()
+    if not name:
+        return None
+    root = keys_directory()
+    path = _inside(root, name, "api_key_file")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"api_key_file {name!r} not found: put the key (one line) into {root / name} "
+            "(that folder is never served over HTTP, unlike input/ and output/)"
+        )
+    return path
+
+
+def endpoint_from(base_url: str, model: str, api_key_env: str, api_key_file: str) -> Endpoint:
+    if not base_url.strip().lower().startswith(("http://", "https://")):
+        raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+    if not model.strip():
+        raise ValueError("model is empty: give the model name the endpoint serves")
+    return Endpoint(model=model.strip(), base_url=base_url.strip(), api_key_env=key_env_name(api_key_env),
+                    api_key_file=key_file_path(api_key_file))
+
+
+def instruction_cache_path() -> Path:
+    return Path(folder_paths.get_output_directory()) / CACHE_DIR / "instructions.jsonl"
+
+
+def sampling_from(temperature: float, frequency_penalty: float, max_tokens: int, seed: int) -> Sampling:
+    # Seed 0 sends none: servers that do not know the parameter are not bothered with it.
+    return Sampling(temperature=temperature, frequency_penalty=frequency_penalty, max_tokens=max_tokens,
+                    seed=seed or None)
+
+
+class _Progress:
+    """generate_instructions' progress(done, total) onto a ComfyUI progress bar made on the first call."""
+
+    def __init__(self) -> None:
+        self.bar: comfy.utils.ProgressBar | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = comfy.utils.ProgressBar(total)
+        self.bar.update_absolute(done, total)
+
+
+def run_instructions(
+    captions: list[str], endpoint: Endpoint, mode: str, sampling: Sampling, concurrency: int, use_cache: bool
+) -> tuple[list[EditRow], str]:
+    """Rows without images, and a summary. A cancel keeps every answer received so far in the cache."""
+    cache_path = instruction_cache_path() if use_cache else None
+    try:
+        result = generate_instructions(
+            captions, endpoint, mode=mode, sampling=sampling, concurrency=concurrency, cache_path=cache_path,
+            progress=_Progress(), should_cancel=mm.processing_interrupted)
+    except MissingAPIKeyError as error:
+        raise ValueError(f"{error}; or name a key file in {keys_directory()} with api_key_file") from None
+    if result.cancelled:
+        mm.throw_exception_if_processing_interrupted()
+    if not result.rows:
+        raise ValueError(f"no usable instructions: {_stats_text(result.stats)}. Check base_url, model and mode "
+                         "(chat for chat models, completion for models fine-tuned on the paper's format)")
+    rows = [EditRow(r.input_caption, r.instruction, r.output_caption, None, None) for r in result.rows]
+    where = f"cached in {cache_path}" if cache_path else "cache off"
+    return rows, f"{_stats_text(result.stats)} ({where})"
+
+
+def _stats_text(stats: InstructionStats) -> str:
+    reasons = "; ".join(stats.reasons)
+    return stats.summary() + (f"; reasons: {reasons}" if reasons else "")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLIP filter and metrics
+# ---------------------------------------------------------------------------------------------------------
+
+
+def clip_weight_choices() -> list[str]:
+    """The default ViT-L-14.pt first (listed even when absent, so the node can say where to put it)."""
+    files = [f for f in folder_paths.get_filename_list(CLIP_FOLDER) if f.lower().endswith(CLIP_WEIGHT_SUFFIXES)]
+    return [DEFAULT_CLIP_WEIGHTS, *(f for f in files if f != DEFAULT_CLIP_WEIGHTS)]
+
+
+def clip_weights_path(name: str) -> Path:
+    path = folder_paths.get_full_path(CLIP_FOLDER, name)
+    if path is not None:
+        return Path(path)
+    folders = ", ".join(folder_paths.get_folder_paths(CLIP_FOLDER))
+    raise ClipWeightsNotFoundError(
+        f"CLIP weights {name!r} not found in {folders}. Put OpenAI's CLIP {DEFAULT_CLIP_WEIGHTS} (the paper's "
+        "filter) there, or other open_clip weights with a <same name>.json open_clip model config beside them. "
+        "Nothing is downloaded (this machine may be offline): copy the file there yourself."
+    )
+
+
+def _sidecar_config(weights: Path) -> tuple[Path, dict] | None:
+    sidecar = weights.with_suffix(".json")
+    if not sidecar.is_file():
+        return None
+    try:
+        config = json.loads(sidecar.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(f"{sidecar.name} is not JSON ({error})") from None
+    missing = {"embed_dim", "vision_cfg", "text_cfg"} - set(config if isinstance(config, dict) else {})
+    if missing:
+        raise ValueError(f"{sidecar.name} is not an open_clip model config: it lacks {', '.join(sorted(missing))}")
+    return sidecar, config
+
+
+def build_encoder(weights: Path, precision: str) -> ClipEncoder:
+    """ViT-L-14 (OpenAI, QuickGELU) unless a `<stem>.json` open_clip config sits beside the weights."""
+    sidecar = _sidecar_config(weights)
+    architecture = f"{weights.stem}.json" if sidecar else clip_filter.DEFAULT_MODEL_NAME
+    try:
+        if sidecar is None:
+            return clip_filter.load_clip_model(weights, precision=precision, hint=str(weights.parent))
+        import open_clip
+
+        # open_clip registers a config file under its stem; the model is then built by that name.
+        open_clip.add_model_config(sidecar[0])
+        return clip_filter.load_clip_model(weights, model_name=weights.stem, precision=precision,
+                                           quick_gelu=bool(sidecar[1].get("quick_gelu", False)),
+                                           hint=str(weights.parent))
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, KeyError) as error:
+        # A state dict of another architecture fails deep inside open_clip with a tensor-shape message.
+        raise ValueError(
+            f"{weights.name} does not load as {architecture} ({str(error)[:300]}). For weights of another "
+            f"CLIP architecture put its open_clip model config beside them as {weights.stem}.json"
+        ) from error
+
+
+_ENCODERS: OrderedDict[tuple, tuple[ClipEncoder, comfy.model_patcher.ModelPatcher]] = OrderedDict()
+_ENCODER_CACHE_SIZE = 1  # ViT-L/14 is 1.7 GB in fp32; one loaded filter model is plenty
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+def load_encoder(name: str) -> ClipEncoder:
+    """The CLIP encoder for weights file `name`, kept between runs and placed by ComfyUI's model manager."""
+    weights = clip_weights_path(name)
+    device = mm.get_torch_device()
+    precision = "fp16" if mm.should_use_fp16(device) else "fp32"
+    key = (str(weights.resolve()), _stamp(weights), _stamp(weights.with_suffix(".json")), precision)
+    if key in _ENCODERS:
+        _ENCODERS.move_to_end(key)
+    else:
+        # Evict first, so two CLIP models are never in memory at once; ComfyUI's model manager holds only
+        # weak references and lets go of an evicted one.
+        while len(_ENCODERS) >= _ENCODER_CACHE_SIZE:
+            _ENCODERS.popitem(last=False)
+        encoder = build_encoder(weights, precision)
+        patcher = comfy.model_patcher.ModelPatcher(encoder.model, load_device=device,
+                                                   offload_device=mm.text_encoder_offload_device())
+        _ENCODERS[key] = (encoder, patcher)
+    encoder, patcher = _ENCODERS[key]
+    # A full load: ComfyUI's partial (low-VRAM) loading only knows its own layer types.
+    mm.load_models_gpu([patcher], force_full_load=True)
+    return encoder
+
+
+def to_tensor(source) -> torch.Tensor:
+    """Any row image (PIL, path, bytes) as a ComfyUI IMAGE [1, H, W, 3] in [0, 1]."""
+    pixels = np.asarray(open_image(source).convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(pixels).unsqueeze(0)
+
+
+def clip_square(image: torch.Tensor, preprocess: dict) -> torch.Tensor:
+    """[1, H, W, 3] -> [1, S, S, 3] with the model's own resize, so images of any size stack into one batch."""
+    size = preprocess["size"]
+    pixels = image.permute(0, 3, 1, 2)
+    if preprocess["resize_mode"] == "squash":
+        pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
+    else:
+        pixels = clip_filter.center_crop(clip_filter.resize_shorter_side(pixels, size), size)
+    return pixels.permute(0, 2, 3, 1)
+
+
+def _concat_scores(parts: list[ClipScores]) -> ClipScores:
+    fields = ("sim_0", "sim_1", "sim_dir", "sim_image")
+    return ClipScores(*(torch.cat([getattr(p, f) for p in parts]) for f in fields))
+
+
+def score_rows(encoder: ClipEncoder, rows: Sequence[EditRow], batch_size: int) -> ClipScores:
+    """The four scores of every row, `batch_size` pairs at a time (images are decoded only per batch)."""
+    missing = [i for i, r in enumerate(rows) if r.input_image is None or r.edited_image is None]
+    if missing:
+        raise ValueError(f"{len(missing)} of {len(rows)} rows have no images yet: generate the image pairs "
+                         "first (connect the rows through P2PPairGenerator)")
+    bar = comfy.utils.ProgressBar(len(rows))
+    parts = []
+    for start in range(0, len(rows), batch_size):
+        mm.throw_exception_if_processing_interrupted()
+        batch = rows[start:start + batch_size]
+        inputs = torch.cat([clip_square(to_tensor(r.input_image), encoder.preprocess) for r in batch])
+        edits = torch.cat([clip_square(to_tensor(r.edited_image), encoder.preprocess) for r in batch])
+        parts.append(encoder.score_pairs(inputs, edits, [r.input_caption for r in batch],
+                                         [r.output_caption for r in batch], batch_size))
+        bar.update_absolute(start + len(batch), len(rows))
+    return _concat_scores(parts)
+
+
+def filter_rows(
+    rows: Sequence[EditRow], weights: str, config: ClipFilterConfig, batch_size: int
+) -> tuple[list[EditRow], str]:
+    """The rows that pass, best sim_dir first per caption pair, with their scores filled in; and a report."""
+    if not rows:
+        return [], "no rows to filter"
+    scores = score_rows(load_encoder(weights), rows, batch_size)
+    result = clip_filter.filter_pairs(scores, [r.group for r in rows], config)
+    kept = [dataclasses.replace(rows[i], **scores.row(i)) for i in result.kept.tolist()]
+    return kept, filter_report(rows, scores, result, config)
+
+
+def filter_report(rows: Sequence[EditRow], scores: ClipScores, result, config: ClipFilterConfig) -> str:
+    fails = {
+        "sim_0": int((scores.sim_0 < config.min_sim_0).sum()),
+        "sim_1": int((scores.sim_1 < config.min_sim_1).sum()),
+        "sim_dir": int((scores.sim_dir < config.min_sim_dir).sum()),
+        "sim_image": int((scores.sim_image < config.min_sim_image).sum()),
+    }
+    kept = result.kept
+    capped = int(result.passed.sum()) - kept.numel()
+    lines = [
+        f"kept {kept.numel()} of {len(rows)} pairs from {len({r.group for r in rows})} caption pairs",
+        "below threshold: " + ", ".join(f"{k} {v}" for k, v in fails.items()) + " (a pair can fail several)",
+        f"passed but over the top-k per caption pair: {capped}",
+    ]
+    if kept.numel():
+        means = {name: float(getattr(scores, name)[kept].mean()) for name in fails}
+        lines.append("mean of kept: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
+    return "\n".join(lines)
+
+
+def edit_metrics(
+    weights: str, inputs: torch.Tensor, edits: torch.Tensor, input_caption: str, output_caption: str,
+    batch_size: int,
+) -> tuple[ClipScores, str]:
+    """The paper's metrics for edits of `inputs` (one input image may serve a whole batch of edits)."""
+    if inputs.shape[0] == 1 and edits.shape[0] > 1:
+        inputs = inputs.expand(edits.shape[0], *inputs.shape[1:])
+    if inputs.shape[0] != edits.shape[0]:
+        raise ValueError(f"{inputs.shape[0]} input images for {edits.shape[0]} edited images: give one input "
+                         "image, or as many as edits, in the same order")
+    count = edits.shape[0]
+    encoder = load_encoder(weights)
+    scores = encoder.score_pairs(inputs, edits, [input_caption] * count, [output_caption] * count, batch_size)
+    means = {name: float(getattr(scores, name).mean()) for name in ("sim_0", "sim_1", "sim_dir", "sim_image")}
+    report = (
+        f"{count} edits: CLIP direction similarity (sim_dir) {means['sim_dir']:.4f}, "
+        f"CLIP image similarity (sim_image) {means['sim_image']:.4f}, "
+        f"input image~caption (sim_0) {means['sim_0']:.4f}, edit~edited caption (sim_1) {means['sim_1']:.4f}"
+    )
+    return scores, report
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Datasets on disk
+# ---------------------------------------------------------------------------------------------------------
+
+
+def output_root() -> Path:
+    return Path(folder_paths.get_output_directory()).resolve()
+
+
+def save_rows(rows: Sequence[EditRow], name: str, fmt: str, image_format: str) -> tuple[str, int, int]:
+    """Writes (or resumes) dataset `name` inside the output folder: (path relative to it, new rows, total)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    missing = sum(1 for r in rows if r.input_image is None or r.edited_image is None)
+    if missing:
+        raise ValueError(f"{missing} of {len(rows)} rows have no images: connect the rows through "
+                         "P2PPairGenerator (and CLIPDirectionFilter) before saving")
+    root = output_root()
+    bar = comfy.utils.ProgressBar(max(len(rows), 1))
+    written = 0
+    try:
+        writer = open_writer(root, name, fmt, image_format=image_format)
+    except WriterBusyError as error:
+        raise ValueError(str(error)) from None
+    # The writer keeps every row added before an interrupt; a rerun skips them.
+    with writer:
+        for index, row in enumerate(rows):
+            mm.throw_exception_if_processing_interrupted()
+            written += writer.add(row)
+            bar.update_absolute(index + 1, len(rows))
+    return writer.path.relative_to(root).as_posix(), written, len(writer)
+
+
+def _looks_like_dataset(path: Path) -> bool:
+    if path.is_file():
+        return path.suffix == ".parquet"
+    if (path / MANIFEST_NAME).is_file() or (path / SEEDS_NAME).is_file():
+        return True
+    # A bounded look: this runs for every entry of the output folder whenever the node list is built.
+    return any(p.suffix == ".parquet" for folder in (path, path / "data") if folder.is_dir()
+               for p in islice(folder.iterdir(), _PARQUET_SCAN_LIMIT))
+
+
+def dataset_choices() -> list[str]:
+    """Datasets in the output and input folders (two levels deep), as `output/<name>` or `input/<name>`."""
+    found = []
+    for root_name in DATASET_ROOTS:
+        root = Path(folder_paths.get_directory_by_type(root_name))
+        if root.is_dir():
+            found += [f"{root_name}/{rel}" for rel in _datasets_under(root)]
+    return found or [NO_FILE]
+
+
+def _datasets_under(root: Path, depth: int = 2) -> list[str]:
+    found = []
+    for entry in sorted(islice(root.iterdir(), _SCAN_LIMIT)):
+        if entry.name.startswith((".", "_")) or entry.name == CACHE_DIR:
+            continue
+        if _looks_like_dataset(entry):
+            found.append(entry.name)
+        elif entry.is_dir() and depth > 1:
+            found += [f"{entry.name}/{rel}" for rel in _datasets_under(entry, depth - 1)]
+    return found
+
+
+def resolve_dataset(choice: str, override: str) -> Path:
+    """`override` if given, else `choice`: `output/<name>`, `input/<name>`, or a bare name (output, then input)."""
+    name = (override or "").strip() or choice
+    if not name or name == NO_FILE:
+        raise ValueError("no dataset chosen: pick one from the list or type its name into dataset_override")
+    head, _, rest = name.replace("\\", "/").partition("/")
+    roots = [head] if head in DATASET_ROOTS and rest else list(DATASET_ROOTS)
+    relative = rest if head in DATASET_ROOTS and rest else name
+    for root_name in roots:
+        path = resolve_inside(folder_paths.get_directory_by_type(root_name), relative)
+        if path.exists():
+            return path
+    raise FileNotFoundError(f"no dataset {name!r} in ComfyUI's {' or '.join(roots)} folder")
+
+
+def dataset_stamp(path: Path) -> tuple:
+    """Changes whenever a writer adds rows (shards, pair folders, manifest), so ComfyUI reloads then."""
+    candidates = [path, path / MANIFEST_NAME, path / SEEDS_NAME, path / "data"]
+    return tuple(_stamp(p) for p in candidates)
+
+
+def load_dataset_rows(path: Path, fmt: str, max_rows: int) -> tuple[str, list[EditRow]]:
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    rows = list(islice(iter_rows(path, fmt), max_rows or None))
+    return fmt, rows
+
+
+def preview_batch(sources: Sequence, limit: int) -> torch.Tensor:
+    """The first `limit` images as one IMAGE batch, at the first image's size; empty when none."""
+    images = [open_image(s).convert("RGB") for s in list(sources)[:limit] if s is not None]
+    if not images:
+        return torch.zeros(0, 64, 64, 3)
+    size = images[0].size
+    same = [im if im.size == size else im.resize(size, Image.Resampling.LANCZOS) for im in images]
+    return torch.cat([to_tensor(im) for im in same])
+
+
+__all__ = [
+    "caption_file_choices",
+    "clip_weight_choices",
+    "collect_captions",
+    "dataset_choices",
+    "edit_metrics",
+    "endpoint_from",
+    "filter_rows",
+    "load_dataset_rows",
+    "load_encoder",
+    "preview_batch",
+    "resolve_dataset",
+    "run_instructions",
+    "sampling_from",
+    "save_rows",
+]
