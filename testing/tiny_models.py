@@ -37,9 +37,9 @@ class UNetLayout:
     def comfy_config(self, in_channels: int) -> dict:
         levels = len(self.channel_mult)
         down = [int(self.attention_levels[i]) for i in range(levels) for _ in range(self.num_res_blocks)]
-        up = [
-            int(self.attention_levels[i]) for i in reversed(range(levels)) for _ in range(self.num_res_blocks + 1)
-        ]
+        # ComfyUI pops transformer_depth_output from the end while building output blocks deepest-first,
+        # so the list runs from the shallowest level's blocks to the deepest's.
+        up = [int(self.attention_levels[i]) for i in range(levels) for _ in range(self.num_res_blocks + 1)]
         return {
             "image_size": 32,
             "in_channels": in_channels,

@@ -46,3 +46,26 @@ def test_diffusers_twin_matches_comfyui_unet(comfy_base, in_channels):
     assert ours.std() > 0.05, "random model should not be degenerate"
     relative = ((ours - theirs).norm() / theirs.norm()).item()
     assert relative < 1e-4
+
+
+def test_full_layout_is_sd15_in_comfyui_and_diffusers(comfy_base):
+    """The full-size variant (benchmarks) must be the real SD1.5 IP2P layout on both sides, key for key."""
+    import comfy.model_detection
+    import comfy.ops
+    import comfy.utils
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from comfyui_ip2p.testing.tiny_models import LAYOUTS, UNET_PREFIX, _meta_shapes, diffusers_unet_config
+    from diffusers import UNet2DConditionModel
+
+    layout = LAYOUTS["full"]
+    shapes = _meta_shapes(lambda: UNetModel(**layout.comfy_config(8), operations=comfy.ops.disable_weight_init))
+    sd = {UNET_PREFIX + k: torch.empty(v, device="meta") for k, v in shapes.items()}
+    config = comfy.model_detection.model_config_from_unet(sd, UNET_PREFIX)
+    assert type(config).__name__ == "SD15_instructpix2pix"
+    assert 855e6 < sum(v.numel() for v in sd.values()) < 865e6  # SD1.5's UNet: 859.5M parameters
+    mapping = comfy.utils.unet_to_diffusers(layout.comfy_config(8))
+    mapped = {d: shapes[c] for d, c in mapping.items() if c in shapes}
+    with torch.device("meta"):
+        twin = UNet2DConditionModel(**diffusers_unet_config(layout, 8))
+    theirs = {k: v.shape for k, v in twin.state_dict().items()}
+    assert mapped == theirs
