@@ -7,6 +7,7 @@ headless command and for tests. Everything ComfyUI writes goes to the folders ch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import uuid
@@ -35,8 +36,10 @@ def prepare_base(base: Path) -> None:
     for sub in ("models/checkpoints", "input", "output", "temp", "custom_nodes"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     link = base / "custom_nodes" / "comfyui_ip2p"
-    if not link.exists():
-        link.symlink_to(Path(__file__).resolve().parent.parent, target_is_directory=True)
+    # several ranks may prepare the same fresh folder at once
+    with contextlib.suppress(FileExistsError):
+        if not link.exists():
+            link.symlink_to(Path(__file__).resolve().parent.parent, target_is_directory=True)
 
 
 def boot(base_dir: str | os.PathLike | None = None, cpu: bool | None = None) -> Path:

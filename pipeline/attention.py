@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
+
 import comfy.ldm.modules.attention as attention
 
 # Kernels that materialise softmax(QK^T) (or chunks of it); PyTorch's SDPA computes the same result fused.
-_MATRIX_KERNELS = {attention.attention_basic, attention.attention_sub_quad, attention.attention_split}
+# ComfyUI hands the override the undecorated function, so compare unwrapped functions.
+_MATRIX_KERNELS = {
+    inspect.unwrap(f) for f in (attention.attention_basic, attention.attention_sub_quad, attention.attention_split)
+}
 
 
 def _prefer_fused(func, *args, **kwargs):
-    if func in _MATRIX_KERNELS:
+    if inspect.unwrap(func) in _MATRIX_KERNELS:
         return attention.attention_pytorch(*args, **kwargs)
     return func(*args, **kwargs)
 
@@ -22,7 +27,8 @@ def with_fused_attention(model):
     attention override set by the user or another pack is left alone.
     """
     options = model.model_options.get("transformer_options", {})
-    if "optimized_attention_override" in options or attention.optimized_attention not in _MATRIX_KERNELS:
+    default_is_fused = inspect.unwrap(attention.optimized_attention) not in _MATRIX_KERNELS
+    if "optimized_attention_override" in options or default_is_fused:
         return model
     patched = model.clone()
     patched.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = _prefer_fused

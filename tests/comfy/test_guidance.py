@@ -156,8 +156,9 @@ def test_one_step_and_short_run_match_diffusers_pipeline(loaded, comfy_base, tin
     assert rel_run < 1e-3, f"{steps}-step run differs from diffusers: relative error {rel_run:.2e}"
 
 
-def test_fused_attention_clone_leaves_original_and_user_overrides_alone(loaded):
+def test_fused_attention_clone_leaves_original_and_user_overrides_alone(loaded, monkeypatch):
     import comfy.ldm.modules.attention as attention
+    import comfy.ops
     from comfyui_ip2p.pipeline.attention import with_fused_attention
 
     model = loaded[0]
@@ -170,8 +171,15 @@ def test_fused_attention_clone_leaves_original_and_user_overrides_alone(loaded):
     user = model.clone()
     user.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = print
     assert with_fused_attention(user) is user
+    fused_calls = []
+    sdpa = comfy.ops.scaled_dot_product_attention
+    monkeypatch.setattr(comfy.ops, "scaled_dot_product_attention",
+                        lambda *a, **k: fused_calls.append(1) or sdpa(*a, **k))
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 300, 8 * 40, generator=gen) for _ in range(3))
-    fused = patched.model_options["transformer_options"]["optimized_attention_override"]
-    torch.testing.assert_close(fused(attention.attention_sub_quad, q, k, v, 8),
-                               attention.attention_sub_quad(q, k, v, 8), rtol=1e-4, atol=1e-5)
+    # called the way ComfyUI's layers call it: through the decorated default kernel
+    options = patched.model_options["transformer_options"]
+    out = attention.optimized_attention(q, k, v, 8, transformer_options=options)
+    assert fused_calls, "the override must route the default kernel to PyTorch's fused attention"
+    reference = attention.optimized_attention(q, k, v, 8)
+    torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-5)

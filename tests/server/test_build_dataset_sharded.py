@@ -1,0 +1,265 @@
+"""The headless, sharded dataset builder: the shipped build_dataset workflow run by torchrun on 2 CPU
+processes against a local OpenAI-compatible server, each rank taking its share, one merged dataset at the end.
+
+The fast tests check the sharding plan, the meeting of the ranks and the merge without ComfyUI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import uuid
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from comfyui_ip2p.dataset.formats import DIFFUSERS, load_rows, write_rows
+from comfyui_ip2p.dataset.records import EditRow
+from comfyui_ip2p.headless import build_dataset as bd
+from comfyui_ip2p.testing.openai_server import FakeOpenAIServer
+from PIL import Image
+
+CAPTIONS = [
+    "a photograph of a girl riding a horse",
+    "an oil painting of a lighthouse at dusk",
+    "a cozy living room with a fireplace",
+    "a red sports car parked on a city street",
+]
+SAMPLES = 2
+TINY_CLIP = {
+    "embed_dim": 16,
+    "quick_gelu": True,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 64},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1},
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fast: plan, meeting, merge
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_every_caption_goes_to_one_rank_and_every_sample_seed_is_unique(size):
+    captions = [f"caption {i}" for i in range(23)]
+    chunk_size, samples = 4, 3
+    seen, seeds = Counter(), Counter()
+    for rank in range(size):
+        world = bd.World(rank, size)
+        chunks = bd.plan_chunks(bd.rank_share(captions, world), world, chunk_size, samples, seed=7)
+        for chunk in chunks:
+            seen.update(chunk.captions)
+            seeds.update(range(chunk.seed, chunk.seed + len(chunk.captions) * samples))
+    assert seen == Counter(captions)
+    assert max(seeds.values()) == 1 and len(seeds) == len(captions) * samples
+    # Appending captions leaves every earlier caption with its rank, chunk and seeds (a rerun resumes).
+    world = bd.World(size - 1, size)
+    before = bd.plan_chunks(bd.rank_share(captions, world), world, chunk_size, samples, seed=7)
+    after = bd.plan_chunks(bd.rank_share([*captions, "new"], world), world, chunk_size, samples, seed=7)
+    assert [c.seed for c in before] == [c.seed for c in after[:len(before)]]
+    assert all(set(b.captions) <= set(a.captions) for b, a in zip(before, after, strict=False))
+
+
+def test_launcher_environment_gives_the_rank():
+    assert bd.launched_world({}) == bd.World(0, 1, 0)
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}
+    assert bd.launched_world(env) == bd.World(3, 4, 1)
+    with pytest.raises(bd.BuildError, match="outside WORLD_SIZE"):
+        bd.launched_world({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+def test_fingerprint_ignores_speed_and_endpoint_but_not_what_makes_the_rows():
+    prompt = {"1": {"class_type": "GenerateEditInstructions",
+                    "inputs": {"captions": "a", "base_url": "http://a/v1", "concurrency": 4, "model": "m"}},
+              "2": {"class_type": "P2PPairGenerator", "inputs": {"steps": 20, "batch_size": 4, "seed": 0}}}
+    mark = bd.fingerprint(prompt)
+
+    def changed(node: str, name: str, value) -> str:
+        other = json.loads(json.dumps(prompt))
+        other[node]["inputs"][name] = value
+        return bd.fingerprint(other)
+
+    assert changed("1", "base_url", "http://b/v1") == mark and changed("1", "concurrency", 8) == mark
+    assert changed("2", "batch_size", 1) == mark
+    assert changed("2", "steps", 50) != mark and changed("1", "captions", "b") != mark
+    assert changed("1", "model", "n") != mark and changed("2", "seed", 1) != mark
+
+
+def test_a_dataset_resumes_only_with_the_same_sharding(tmp_path):
+    layout = bd.Layout(tmp_path, "ds")
+    bd.check_plan(layout, bd.World(0, 2), 8, DIFFUSERS)
+    bd.check_plan(layout, bd.World(1, 2), 8, DIFFUSERS)
+    with pytest.raises(bd.BuildError, match="same number of processes"):
+        bd.check_plan(layout, bd.World(0, 3), 8, DIFFUSERS)
+    with pytest.raises(bd.BuildError, match=r"contains '\.\.'"):
+        bd.Layout(tmp_path, "../escape")
+
+
+def test_file_meeting_waits_for_this_runs_statuses_only(tmp_path):
+    layout = bd.Layout(tmp_path, "ds")
+    timeout = timedelta(seconds=30)
+    # A status left by an earlier run: it must not count.
+    layout.shards.mkdir(parents=True)
+    (layout.status(1)).write_text(json.dumps({"rank": 1, "run_id": "old"}))
+    rank0 = bd.FileSync(bd.World(0, 2), layout, "run-1", timeout)
+    rank1 = bd.FileSync(bd.World(1, 2), layout, "run-1", timeout)
+    result = {}
+    waiter = threading.Thread(target=lambda: result.update(statuses=rank0.gather({"rank": 0})))
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive(), "rank 0 went on before rank 1 reported"
+    assert rank1.gather({"rank": 1}) is None
+    waiter.join(10)
+    assert [s["rank"] for s in result["statuses"]] == [0, 1]
+    with pytest.raises(bd.BuildError, match=r"ranks \[0, 1\] did not report"):
+        bd.wait_for_statuses(layout, 2, "run-2", timeout_s=0.2, poll_s=0.05)
+
+
+def make_row(caption: str, seed: int) -> EditRow:
+    image = Image.new("RGB", (8, 8), (seed * 40 % 256, 0, 0))
+    return EditRow(caption, "add snow", f"{caption}, snowy", image, image, seed=seed)
+
+
+def test_merge_writes_each_sample_once_and_again_adds_nothing(tmp_path):
+    layout = bd.Layout(tmp_path, "merged")
+    write_rows([make_row("a", 0), make_row("a", 1)], tmp_path, layout.shard_name(0), DIFFUSERS)
+    # The same (group, sample) in two shards (a rerun that moved work) lands once.
+    write_rows([make_row("b", 5), make_row("a", 1)], tmp_path, layout.shard_name(1), DIFFUSERS)
+    assert bd.merge_shards(layout, 3, DIFFUSERS, None) == (3, 3)  # rank 2 had no captions: no shard
+    assert bd.merge_shards(layout, 3, DIFFUSERS, None) == (0, 3)
+    assert sorted((r.input_caption, r.seed) for r in load_rows(layout.merged)) == [("a", 0), ("a", 1), ("b", 5)]
+    statuses = [{"rank": 0, "shard_rows": 2}, {"rank": 1, "shard_rows": 5}]
+    with pytest.raises(bd.BuildError, match="shared filesystem"):
+        bd.check_shards_visible(layout, statuses)
+
+
+def test_the_api_key_never_travels_on_the_command_line(tmp_path):
+    with pytest.raises(SystemExit):
+        bd.parse_args(["--captions", "c.txt", "--name", "n", "--api-key", "sk-secret"])
+    args = bd.parse_args(["--captions", "c.txt", "--name", "n", "--api-key-file", str(tmp_path / "key")])
+    values = bd.overrides_from(args)["GenerateEditInstructions"]
+    assert values["api_key_env"] == bd.KEY_ENV and values["api_key_file"] == ""
+    with pytest.raises(bd.BuildError, match="cannot read --api-key-file"):
+        bd.load_key_file(tmp_path / "key")
+
+
+def test_a_chunk_with_failed_llm_requests_is_not_recorded_as_done():
+    from comfyui_ip2p.dataset.instructions import InstructionStats
+
+    def summary(**counts) -> str:
+        return InstructionStats(requested=4, **counts).summary() + " (cached in output/ip2p_cache/instructions.jsonl)"
+
+    texts = {"GenerateEditInstructions": summary(ok=3, fetched=2, cached=1, dropped_identical=1),
+             "SaveEditDataset": "6 new rows, 10 in total, in output/ds.shards/rank-0 (diffusers)"}
+    done = bd.outcome_of(texts)
+    assert (done.complete, done.new_rows, done.fetched, done.cached) == (True, 6, 2, 1)
+    failed = bd.outcome_of({**texts, "GenerateEditInstructions": summary(ok=2, fetched=2, failed=2)})
+    assert not failed.complete and failed.failed == 2
+
+
+def test_a_missing_captions_file_fails_before_comfyui_starts(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "comfyui_ip2p.headless.build_dataset", "--captions",
+                           str(tmp_path / "none.txt"), "--name", "x", "--base-dir", str(tmp_path / "base")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "--captions" in done.stderr and "is not a file" in done.stderr
+    assert not (tmp_path / "base").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end: torchrun, 2 CPU processes
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_failing_rank_exits_non_zero_and_names_the_problem(comfy_base, tmp_path):
+    captions = tmp_path / "captions.txt"
+    captions.write_text(CAPTIONS[0] + "\n")
+    done = subprocess.run([sys.executable, "-m", "comfyui_ip2p.headless.build_dataset", "--captions", str(captions),
+                           "--name", f"failing/ds_{uuid.uuid4().hex[:8]}", "--checkpoint", "missing.safetensors",
+                           "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--base-dir", str(comfy_base)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1
+    assert "rank 0 failed" in done.stderr and "CheckpointLoaderSimple" in done.stderr
+    assert "missing.safetensors" in done.stderr and "nothing merged" in done.stderr
+
+
+def write_tiny_clip(folder: Path, stem: str) -> str:
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        model = open_clip.CLIP(**TINY_CLIP)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / f"{stem}.safetensors")
+    (folder / f"{stem}.json").write_text(json.dumps(TINY_CLIP))
+    return f"{stem}.safetensors"
+
+
+def run_build(base: Path, llm: FakeOpenAIServer, args: argparse.Namespace) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd = [*launcher, "-m", "comfyui_ip2p.headless.build_dataset", "--captions", str(args.captions),
+           "--name", args.name, "--checkpoint", args.checkpoint, "--base-url", llm.base_url, "--model", "fake-model",
+           "--api-key-file", str(args.key_file), "--clip-weights", args.clip_weights,
+           "--samples-per-pair", str(SAMPLES), "--steps", "2", "--size", "64", "--batch-size", "4",
+           "--min-sim-0", "-1", "--min-sim-1", "-1", "--min-sim-dir", "-1", "--min-sim-image", "-1",
+           "--base-dir", str(base)]
+    env = {k: v for k, v in os.environ.items() if not k.endswith("API_KEY")}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**env, "PYTHONUNBUFFERED": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+@pytest.mark.slow
+def test_torchrun_shards_the_workflow_and_merges_one_dataset(comfy_base, tiny_t2i_ckpt, tmp_path):
+    import datasets
+
+    key = f"sk-ip2p-sharded-{uuid.uuid4().hex}"
+    (tmp_path / "key").write_text(key)
+    captions = tmp_path / "captions.txt"
+    captions.write_text("\n".join([*CAPTIONS, CAPTIONS[0]]) + "\n")  # a repeat is built once
+    args = argparse.Namespace(captions=captions, name=f"sharded/ds_{uuid.uuid4().hex[:8]}", checkpoint=tiny_t2i_ckpt,
+                              key_file=tmp_path / "key",
+                              clip_weights=write_tiny_clip(comfy_base / "models" / "clip_filter", "tiny_clip_sharded"))
+    layout = bd.Layout(comfy_base / "output", args.name)
+
+    with FakeOpenAIServer() as llm:
+        first = run_build(comfy_base, llm, args)
+        first_requests = list(llm.requests)
+        # Rank 1 "crashed" after saving its rows but before recording its chunk as done: the rerun redoes
+        # that chunk from the LLM cache and the writer skips the rows already saved.
+        layout.progress(1).unlink()
+        second = run_build(comfy_base, llm, args)
+        second_requests = llm.requests[len(first_requests):]
+
+    expected = len(CAPTIONS) * SAMPLES
+    assert sorted(r.caption() for r in first_requests) == sorted(CAPTIONS)
+    assert {r.headers.get("authorization") for r in first_requests} == {f"Bearer {key}"}
+    for rank in (0, 1):
+        shard = load_rows(layout.shard(rank))
+        assert sorted({r.input_caption for r in shard}) == sorted(CAPTIONS[rank::2]), f"rank {rank} did its share"
+        assert len(shard) == len(CAPTIONS[rank::2]) * SAMPLES
+    rows = load_rows(layout.merged)
+    assert len(rows) == expected and len({(r.group, r.seed) for r in rows}) == expected
+    assert len({r.seed for r in rows}) == expected, "two samples started from the same noise"
+    assert Counter(r.input_caption for r in rows) == {c: SAMPLES for c in CAPTIONS}
+    assert all(r.output_caption == f"{r.input_caption}, covered in snow" and r.clip_sim_dir is not None for r in rows)
+    loaded = datasets.load_dataset(str(layout.merged), cache_dir=str(tmp_path / "hf"))["train"]
+    assert len(loaded) == expected and loaded[0]["input_image"].size == (64, 64)
+    assert f"dataset {args.name}: {expected} rows ({expected} new)" in first.stdout
+    assert "1 repeated captions skipped" in first.stdout
+
+    assert second_requests == [], "the rerun paid for LLM requests again"
+    assert len(load_rows(layout.merged)) == expected
+    assert f"dataset {args.name}: {expected} rows (0 new)" in second.stdout
+    assert "rank 0: 2 captions, 0 of 1 chunks run (1 already done" in second.stdout
+    assert "rank 1: 2 captions, 1 of 1 chunks run" in second.stdout and "LLM 0 fetched / 2 cached" in second.stdout
+    outputs = [p for p in (comfy_base / "output").rglob("*") if p.is_file() and args.name.split("/")[1] in str(p)]
+    assert all(key.encode() not in p.read_bytes() for p in outputs)
+    assert key not in first.stdout + first.stderr + second.stdout + second.stderr
