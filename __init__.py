@@ -4,7 +4,7 @@ ComfyUI finds `comfy_entrypoint` here. The node modules are imported only when C
 the pure parts of the pack (samplers/, dataset/, training/) import without a ComfyUI runtime.
 """
 
-WEB_DIRECTORY = None
+WEB_DIRECTORY = "./web"
 
 
 async def comfy_entrypoint():

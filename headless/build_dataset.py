@@ -5,7 +5,7 @@
     torchrun --nproc_per_node 8 -m comfyui_ip2p.headless.build_dataset ...        (or: accelerate launch -m ...)
 
 Rank k of W (RANK / WORLD_SIZE / LOCAL_RANK, as torchrun and accelerate set them; 0 of 1 when unset) takes
-captions[k::W] and runs the SAME workflow as the canvas (workflows/build_dataset.json: LLM instructions ->
+captions[k::W] and runs the SAME workflow as the canvas (example_workflows/build_dataset.json: LLM instructions ->
 Prompt-to-Prompt pairs -> CLIP filter -> SaveEditDataset) through ComfyUI's executor in-process, a chunk of
 captions at a time, into its own shard `output/<name>.shards/rank-<k>`. Then the ranks meet (torch.distributed
 with gloo when the launcher set MASTER_ADDR/MASTER_PORT, else status files in the shards folder) and rank 0
@@ -47,7 +47,7 @@ from ..dataset.writer import read_manifest
 from .workflow import WorkflowError
 
 PACK = Path(__file__).resolve().parent.parent
-WORKFLOW = PACK / "workflows" / "build_dataset.json"
+WORKFLOW = PACK / "example_workflows" / "build_dataset.json"
 # The key read from --api-key-file travels to the node through this process's environment only.
 KEY_ENV = "IP2P_BUILD_DATASET_API_KEY"
 # Images of a whole chunk are held in memory between the nodes: about this many samples per chunk.

@@ -19,7 +19,7 @@ from pathlib import Path
 from .workflow import WorkflowError
 
 PACK = Path(__file__).resolve().parent.parent
-WORKFLOW = PACK / "workflows" / "instruct_edit.json"
+WORKFLOW = PACK / "example_workflows" / "instruct_edit.json"
 DEFAULT_MODEL = "comfyui_ip2p_random_tiny.safetensors"
 BANNER = "!" * 78
 

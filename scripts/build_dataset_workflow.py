@@ -1,4 +1,4 @@
-"""Regenerates workflows/build_dataset.json, the paper's data engine as one graph:
+"""Regenerates example_workflows/build_dataset.json, the paper's data engine as one graph:
 
     captions -> GenerateEditInstructions -> P2PPairGenerator (+ a text-to-image checkpoint)
              -> CLIPDirectionFilter -> SaveEditDataset
@@ -73,7 +73,7 @@ def main() -> None:
         info = boot(Path(tmp))
         HERE.mkdir(exist_ok=True)
         (HERE / NAME).write_text(json.dumps(build_dataset(info), indent=2) + "\n")
-        print(f"wrote workflows/{NAME}")
+        print(f"wrote example_workflows/{NAME}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Regenerates the shipped UI-format workflows in workflows/ from the descriptions below.
+"""Regenerates the shipped UI-format workflows in example_workflows/ from the descriptions below.
 
     .runtime/venv/bin/python scripts/build_workflows.py
 
@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 REAL_CHECKPOINT = "instruct-pix2pix-00-22000.safetensors"
-HERE = Path(__file__).resolve().parent.parent / "workflows"
+HERE = Path(__file__).resolve().parent.parent / "example_workflows"
 
 EDIT_NOTE = (
     "## InstructPix2Pix edit\n"
@@ -101,7 +101,7 @@ def main() -> None:
         HERE.mkdir(exist_ok=True)
         for name, build in WORKFLOWS.items():
             (HERE / name).write_text(json.dumps(build(info), indent=2) + "\n")
-            print(f"wrote workflows/{name}")
+            print(f"wrote example_workflows/{name}")
 
 
 if __name__ == "__main__":

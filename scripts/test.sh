@@ -3,6 +3,7 @@
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 bash "$repo/scripts/setup.sh"
+bash "$repo/scripts/setup_browser.sh" >/dev/null
 # shellcheck disable=SC1091
 source "${IP2P_RUNTIME:-$repo/.runtime}/env.sh"
 cd "$repo"

@@ -20,6 +20,11 @@ class _Node:
     links_in: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
+def _node_height(slots: int, outputs: int, widgets: int, multiline: int) -> int:
+    """Roughly what the canvas draws, so generated nodes never overlap once the page sizes them."""
+    return 46 + 24 * max(slots, outputs) + 28 * widgets + 90 * multiline
+
+
 class UIWorkflow:
     def __init__(self, object_info: dict[str, dict]) -> None:
         self.info = object_info
@@ -54,14 +59,16 @@ class UIWorkflow:
 
     def build(self) -> dict:
         depths = self._depths()
-        rows: dict[int, int] = {}
+        column_top: dict[int, int] = {}
         links: list[list] = []
         out_links: dict[tuple[int, int], list[int]] = {}
         ui_nodes = []
         for node in self.nodes:
             info = self.info[node.type]
             inputs, values = [], []
+            multiline = 0
             for name, kind, options in _input_defs(info):
+                multiline += int(bool(options.get("multiline")))
                 linked = name in node.links_in
                 widget = _is_widget(kind, options)
                 if widget:
@@ -85,10 +92,11 @@ class UIWorkflow:
             if unknown:
                 raise KeyError(f"{node.type} has no inputs {sorted(unknown)}")
             column = depths[node.id]
-            row = rows.get(column, 0)
-            rows[column] = row + 1
+            height = _node_height(len(inputs), len(info["output"]), len(values), multiline)
+            top = column_top.get(column, 60)
+            column_top[column] = top + height + 50
             ui_nodes.append({
-                "id": node.id, "type": node.type, "pos": [40 + 360 * column, 60 + 300 * row], "size": [320, 260],
+                "id": node.id, "type": node.type, "pos": [40 + 400 * column, top], "size": [360, height],
                 "flags": {}, "order": 0, "mode": 0, "inputs": inputs, "outputs": [],
                 "properties": {"Node name for S&R": node.type}, "widgets_values": values,
                 **({"title": node.title} if node.title else {}),
@@ -107,7 +115,7 @@ class UIWorkflow:
         next_id = len(ui_nodes) + 1
         for offset, (title, text) in enumerate(self.notes):
             ui_nodes.append({
-                "id": next_id + offset, "type": "MarkdownNote", "pos": [40, 60 + 300 * (max(rows.values()) + offset)],
+                "id": next_id + offset, "type": "MarkdownNote", "pos": [40, max(column_top.values()) + 240 * offset],
                 "size": [520, 200], "flags": {}, "order": len(ui_nodes), "mode": 0, "inputs": [], "outputs": [],
                 "title": title, "properties": {}, "widgets_values": [text],
             })

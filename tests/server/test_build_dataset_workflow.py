@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 pytestmark = pytest.mark.server
 
 PACK = Path(__file__).resolve().parents[2]
-WORKFLOW = PACK / "workflows" / "build_dataset.json"
+WORKFLOW = PACK / "example_workflows" / "build_dataset.json"
 SAMPLES = 2
 TINY_CLIP = {
     "embed_dim": 16,
@@ -57,7 +57,7 @@ def test_build_dataset_workflow_matches_its_generator(comfy_server):
     finally:
         sys.path.remove(str(PACK / "scripts"))
     assert build_dataset(comfy_server.get("/object_info")) == json.loads(WORKFLOW.read_text()), (
-        "workflows/build_dataset.json is stale: run scripts/build_dataset_workflow.py")
+        "example_workflows/build_dataset.json is stale: run scripts/build_dataset_workflow.py")
 
 
 @pytest.mark.slow

@@ -15,9 +15,9 @@ from PIL import Image
 pytestmark = pytest.mark.server
 
 PACK = Path(__file__).resolve().parents[2]
-WORKFLOWS = sorted((PACK / "workflows").glob("*.json"))
+WORKFLOWS = sorted((PACK / "example_workflows").glob("*.json"))
 # Edit workflows need only a checkpoint and an image; the dataset and training workflows have their own tests.
-EDIT_WORKFLOWS = sorted((PACK / "workflows").glob("instruct_edit*.json"))
+EDIT_WORKFLOWS = sorted((PACK / "example_workflows").glob("instruct_edit*.json"))
 OUR_NODES = ["LoadIP2PModel", "ConvertToIP2P", "InstructEdit", "DualCFGSampler", "IP2PGuidanceGrid",
              "IP2PReferenceResize"]
 
