@@ -1,0 +1,538 @@
+"""The trainer (training/, pure torch) on ComfyUI's objects: MODEL, CLIP and VAE in, a trained MODEL and
+checkpoint files out. Used by the TrainIP2P node and the command line alike.
+
+- The UNet trained is a float32 copy of the MODEL's diffusion model, built from the same model config,
+  with the MODEL's patches (e.g. a LoRA loaded before training) merged in. The input MODEL is untouched.
+- Full fine-tune: every UNet weight trains; the result is the input MODEL cloned with "set" patches, written
+  as a single-file checkpoint (model.diffusion_model.*, cond_stage_model.*, first_stage_model.*) with
+  ComfyUI's own save_checkpoint, so CheckpointLoaderSimple and LoadIP2PModel load it.
+- LoRA: ComfyUI's own LoRA training adapters (comfy.weight_adapter, as its TrainLoraNode uses) on the
+  attention projections, plus a full weight difference for the first convolution (the paper's new image
+  channels start at zero, so a LoRA alone could never learn to look at the image). Saved in ComfyUI's LoRA
+  key format (diffusion_model.<module>.lora_up/lora_down/alpha, <conv>.diff) for LoraLoaderModelOnly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import comfy.ldm.modules.attention
+import comfy.model_management
+import comfy.model_patcher
+import comfy.model_sampling
+import comfy.sd
+import comfy.utils
+import torch
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+from comfy.weight_adapter.lora import LoRAAdapter
+
+from ..dataset.records import EditRow
+from ..training.config import TrainConfig
+from ..training.data import Encoders, crop_flip, load_pair, make_batches, place, read_rows
+from ..training.distributed import World
+from ..training.files import atomic_write, save_bytes, save_safetensors, save_torch
+from ..training.objective import NoiseSchedule
+from ..training.plots import image_tensor, loss_curve, validation_grid
+from ..training.trainer import Hooks, TrainableModel, Trainer
+from .edit import SamplingSettings, decode, encode_text, sample
+from .guider import make_guider
+from .loading import convert_to_ip2p, is_ip2p
+
+log = logging.getLogger("comfyui_ip2p.training")
+
+ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+CONV_IN = "input_blocks.0.0"
+UNET_PREFIX = "diffusion_model."
+
+
+# --- the model ---------------------------------------------------------------------------------------------
+
+def trainable_ip2p(model):
+    """An 8-channel MODEL to train: IP2P as given, text-to-image through the paper's init (ConvertToIP2P)."""
+    if model is None:
+        raise ValueError("no MODEL: connect the MODEL output of LoadIP2PModel, a checkpoint loader or ConvertToIP2P")
+    base = model.model
+    if not isinstance(base.diffusion_model, UNetModel) or base.adm_channels:
+        raise ValueError("training supports SD1.x/SD2.x-style models (no SDXL, no extra conditioning) for now; "
+                         "pick an SD1.5 InstructPix2Pix or text-to-image checkpoint")
+    if not is_ip2p(model):
+        log.info("text-to-image model: starting from the paper's init (conv_in widened, new channels zero)")
+        model = convert_to_ip2p(model)
+    return model
+
+
+def noise_schedule(model) -> NoiseSchedule:
+    sampling = model.get_model_object("model_sampling")
+    if isinstance(sampling, comfy.model_sampling.V_PREDICTION):
+        prediction = "v"
+    elif isinstance(sampling, comfy.model_sampling.EPS) and not isinstance(sampling, comfy.model_sampling.CONST):
+        prediction = "eps"
+    else:
+        raise ValueError(f"cannot train a {type(sampling).__name__} model: only eps and v prediction are supported")
+    if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
+        raise ValueError("training needs a discrete (DDPM) noise schedule, like SD1.x and SD2.x models have")
+    return NoiseSchedule(1.0 / (1.0 + sampling.sigmas.double() ** 2), prediction)
+
+
+def patched_unet_state(model) -> dict[str, torch.Tensor]:
+    """The MODEL's UNet weights with its patches applied, as float32 CPU copies."""
+    comfy.model_management.load_models_gpu([model], force_patch_weights=True)
+    state = model.model.diffusion_model.state_dict()
+    return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in state.items()}
+
+
+def training_base(model, device: torch.device):
+    """A float32 BaseModel of the same kind as the MODEL's, holding its patched weights."""
+    base = model.model
+    config = type(base.model_config).__new__(type(base.model_config))
+    config.__dict__.update(base.model_config.__dict__)
+    config.unet_config = dict(base.model_config.unet_config)
+    config.set_inference_dtype(torch.float32, None)
+    copy = type(base)(config, model_type=base.model_type, device=device)
+    copy.diffusion_model.load_state_dict(patched_unet_state(model))
+    return copy.to(device)
+
+
+def _sdpa(func, *args, **kwargs):
+    # PyTorch's fused attention has a backward pass on every device; sub-quadratic/sage/flash may not.
+    return comfy.ldm.modules.attention.attention_pytorch(*args, **kwargs)
+
+
+class ComfyUNet(torch.nn.Module):
+    """ComfyUI's UNet as the trainer's `unet(x, t, context)`."""
+
+    def __init__(self, diffusion_model: UNetModel) -> None:
+        super().__init__()
+        self.diffusion_model = diffusion_model
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        options = {"optimized_attention_override": _sdpa}
+        return self.diffusion_model(x, timesteps=t, context=context, transformer_options=options)
+
+
+def checkpoint_blocks(unet: UNetModel) -> list[torch.nn.Module]:
+    """The layers the UNet calls one by one (res blocks, transformers, resamplers)."""
+    stages = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+    return [layer for stage in stages if stage is not None for layer in stage if len(list(layer.parameters()))]
+
+
+class WeightDiff(torch.nn.Module):
+    """A trainable full-weight difference, applied the way ComfyUI applies weight adapters."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.diff = torch.nn.Parameter(torch.zeros_like(weight, dtype=torch.float32))
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.diff.to(weight.dtype)
+
+
+@dataclass
+class Adapters:
+    """module name -> adapter; trainable weights are named as they are saved in the LoRA file."""
+
+    modules: dict[str, torch.nn.Module] = field(default_factory=dict)
+    alpha: float = 1.0
+
+    def params(self) -> dict[str, torch.nn.Parameter]:
+        out = {}
+        for name, adapter in self.modules.items():
+            for pname, p in adapter.named_parameters():
+                if p.requires_grad:
+                    out[f"{UNET_PREFIX}{name}.{pname}"] = p
+        return out
+
+    def attach(self, unet: torch.nn.Module) -> None:
+        """(Re)installs every adapter; ComfyUI's model loading clears weight functions."""
+        modules = dict(unet.named_modules())
+        for name, adapter in self.modules.items():
+            modules[name].weight_function = [adapter]
+
+
+def make_lora(unet: UNetModel, rank: int, alpha: float) -> Adapters:
+    unet.requires_grad_(False)
+    adapters = Adapters(alpha=alpha)
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(ATTENTION_PROJECTIONS) and ".attn" in name:
+            adapter = LoRAAdapter.create_train(module.weight, rank=rank, alpha=alpha)
+            adapters.modules[name] = adapter.to(module.weight.device)
+    conv = dict(unet.named_modules())[CONV_IN]
+    adapters.modules[CONV_IN] = WeightDiff(conv.weight).to(conv.weight.device)
+    adapters.attach(unet)
+    return adapters
+
+
+# --- text and images ---------------------------------------------------------------------------------------
+
+def encode_texts(clip, texts: list[str]) -> torch.Tensor:
+    """[B, 77, D] in one text-encoder call: each text's first 77-token chunk (longer texts are cut, like
+    diffusers' training script does)."""
+    if clip is None:
+        raise ValueError("no CLIP: connect the CLIP output of the checkpoint loader")
+    with torch.no_grad():
+        tokens = [clip.tokenize(text) for text in texts]
+        batched = {key: [t[key][0] for t in tokens] for key in tokens[0]}
+        cond = clip.encode_from_tokens(batched)
+    return cond.reshape(len(texts), -1, cond.shape[-1]).float()
+
+
+def encode_images(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] -> the raw VAE latent (posterior mode, no scale factor)."""
+    if vae is None:
+        raise ValueError("no VAE: connect the VAE output of the checkpoint loader")
+    with torch.no_grad():
+        return vae.encode(pixels.movedim(1, -1)).float()
+
+
+def encoders(clip, vae) -> Encoders:
+    return Encoders(encode_images=lambda pixels: encode_images(vae, pixels),
+                    encode_texts=lambda texts: encode_texts(clip, texts))
+
+
+# --- files -------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunFiles:
+    """Where one named run writes: the model file, and a folder for its state, loss curve and validation."""
+
+    model: Path
+    run_dir: Path
+
+    @property
+    def state(self) -> Path:
+        return self.run_dir / "state.pt"
+
+    @property
+    def loss_png(self) -> Path:
+        return self.run_dir / "loss.png"
+
+    @property
+    def validation_png(self) -> Path:
+        return self.run_dir / "validation.png"
+
+
+def png_bytes(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def save_full_checkpoint(path: Path, model, clip, vae, metadata: dict[str, str],
+                         dtype: torch.dtype = torch.float16) -> Path:
+    """What comfy.sd.save_checkpoint writes (the model's own state_dict_for_saving key layout), in `dtype`:
+    fp16 by default, like released checkpoints, instead of whatever precision the weights are held in."""
+    comfy.model_management.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
+    state = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()}
+    return atomic_write(path, lambda tmp: comfy.utils.save_torch_file(state, tmp, metadata=metadata))
+
+
+# --- validation --------------------------------------------------------------------------------------------
+
+class Validator:
+    """Edits the same first dataset rows with the current (EMA) weights through ComfyUI's sampler."""
+
+    def __init__(self, session: Session, rows: list[EditRow], count: int, steps: int) -> None:
+        self.session = session
+        self.rows = rows[:count]
+        size = session.config.resolution
+        self.inputs, self.targets = [], []
+        for row in self.rows:
+            source, target = load_pair(row, size)
+            where = place(torch.zeros(3), source.shape[1], source.shape[2], size, False, False)
+            self.inputs.append(crop_flip(source, where, size))
+            self.targets.append(crop_flip(target, where, size))
+        clip, vae = session.clip, session.vae
+        self.image_latents = encode_images(vae, torch.stack(self.inputs)) if self.rows else None
+        self.positives = [encode_text(clip, row.instruction) for row in self.rows]
+        self.negative = encode_text(clip, "")
+        self.settings = SamplingSettings(steps=steps, seed=0)
+        self.history: list[tuple[int, list[torch.Tensor]]] = []
+
+    def __call__(self, trainer: Trainer) -> None:
+        if not self.rows:
+            return
+        self.history.append((trainer.step, list(self.session.edit(trainer, self))))
+
+    def grid(self):
+        if not self.history:
+            return None
+        return validation_grid(self.inputs, self.targets, self.history, [r.instruction for r in self.rows])
+
+
+class Session:
+    """One run's ComfyUI-side objects: the MODEL it starts from, its training copy, encoders, adapters."""
+
+    def __init__(self, model, clip, vae, config: TrainConfig, device: torch.device | None = None) -> None:
+        self.source = trainable_ip2p(model)
+        self.clip, self.vae = clip, vae
+        self.device = device or comfy.model_management.get_torch_device()
+        schedule = noise_schedule(self.source)
+        self.config = config.replace(prediction=schedule.prediction)
+        self.base = training_base(self.source, self.device)
+        unet = self.base.diffusion_model
+        self.adapters = None
+        if config.mode == "lora":
+            # ComfyUI's adapters draw their initial weights from torch's global generator: seed it, so the same
+            # seed gives the same LoRA.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                self.adapters = make_lora(unet, config.lora_rank, config.lora_alpha)
+        if self.adapters is None:
+            unet.requires_grad_(True)
+            params = dict(unet.named_parameters())
+        else:
+            params = self.adapters.params()
+        self.trainable = TrainableModel(unet=ComfyUNet(unet), params=params, schedule=schedule,
+                                        latent_scale=float(self.base.latent_format.scale_factor),
+                                        checkpoint_blocks=checkpoint_blocks(unet))
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.base.latent_format.latent_channels)
+
+    def edit(self, trainer: Trainer, validator: Validator) -> list[torch.Tensor]:
+        """Validation edits [3, H, W] with the weights the checkpoint would hold."""
+        patcher = comfy.model_patcher.ModelPatcher(self.base, load_device=self.device, offload_device=self.device)
+        if self.adapters is not None:
+            for name, adapter in self.adapters.modules.items():
+                patcher.add_weight_wrapper(f"{UNET_PREFIX}{name}.weight", adapter)
+        use_ema = self.config.save_ema and trainer.ema is not None
+        swap = trainer.ema.swapped_in(self.trainable.params) if use_ema else contextlib.nullcontext()
+        edits = []
+        try:
+            with swap, torch.no_grad():
+                self.trainable.unet.eval()
+                for i, positive in enumerate(validator.positives):
+                    latent = validator.image_latents[i:i + 1]
+                    guider = make_guider(patcher, positive, validator.negative, latent, 1.5, 7.5)
+                    samples = sample(guider, torch.zeros_like(latent), validator.settings,
+                                     callback=lambda *args: None)
+                    edits.append(decode(self.vae, samples)[0].permute(2, 0, 1))
+        finally:
+            release(patcher)
+            if self.adapters is not None:
+                self.adapters.attach(self.base.diffusion_model)
+            self.trainable.unet.train()
+        return edits
+
+    def trained_model(self, weights: dict[str, torch.Tensor]):
+        """A MODEL with the trained weights: the input cloned with patches, like LoraLoader does."""
+        if self.adapters is not None:
+            return comfy.sd.load_lora_for_models(self.source, None, self.lora_file(weights), 1.0, 0.0)[0]
+        dtype = self.source.model.get_dtype()
+        offload = self.source.offload_device
+        patches = {UNET_PREFIX + k: ("set", (v.detach().to(offload, dtype, copy=True),)) for k, v in weights.items()}
+        model = self.source.clone()
+        model.add_patches(patches, 1.0)
+        return model
+
+    def lora_file(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        dtype = SAVE_DTYPES[self.config.save_precision]
+        out = {key: value.detach().to("cpu", dtype) for key, value in weights.items()}
+        for name, adapter in self.adapters.modules.items():
+            if hasattr(adapter, "lora_up"):
+                out[f"{UNET_PREFIX}{name}.alpha"] = torch.tensor(float(self.adapters.alpha))
+        return out
+
+    def save_model(self, path: Path, weights: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+        if self.adapters is not None:
+            return save_safetensors(self.lora_file(weights), path, metadata)
+        return save_full_checkpoint(path, self.trained_model(weights), self.clip, self.vae, metadata,
+                                    SAVE_DTYPES[self.config.save_precision])
+
+
+def release(patcher) -> None:
+    """Drops a temporary patcher from ComfyUI's list of loaded models."""
+    for loaded in list(comfy.model_management.current_loaded_models):
+        if loaded.model is patcher:
+            comfy.model_management.current_loaded_models.remove(loaded)
+            loaded.model_unload()
+
+
+# --- the run -----------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainOutcome:
+    model: object
+    loss_image: torch.Tensor
+    validation_image: torch.Tensor
+    model_path: Path
+    step: int
+    finished: bool
+    stats: dict = field(default_factory=dict)
+
+
+Progress = Callable[[Trainer, float], None]
+
+
+def metadata_for(trainer: Trainer, dataset: dict) -> dict[str, str]:
+    info = {"config": trainer.config.to_dict(), "step": trainer.step, "dataset": dataset,
+            "weights": "ema" if trainer.config.save_ema and trainer.ema is not None else "raw"}
+    return {"comfyui_ip2p.training": json.dumps(info)}
+
+
+def write_outputs(session: Session, trainer: Trainer, files: RunFiles, dataset: dict,
+                  validator: Validator | None) -> None:
+    """Model file, resumable state, loss curve and validation grid (rank 0 only)."""
+    if not trainer.world.is_main:
+        return
+    weights = trainer.weights(ema=session.config.save_ema)
+    session.save_model(files.model, weights, metadata_for(trainer, dataset))
+    save_torch(trainer.state_dict(), files.state)
+    save_bytes(png_bytes(loss_curve(trainer.losses)), files.loss_png)
+    (files.run_dir / "loss.json").write_text(json.dumps(trainer.losses))
+    grid = validator.grid() if validator is not None else None
+    if grid is not None:
+        save_bytes(png_bytes(grid), files.validation_png)
+    log.info("step %d: saved %s and the training state", trainer.step, files.model)
+
+
+def load_state(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def run_training(model, clip, vae, dataset: dict, config: TrainConfig, files: RunFiles, *, resume: bool = True,
+                 world: World | None = None, on_step: Progress | None = None,
+                 should_stop: Callable[[], bool] | None = None,
+                 on_cache: Callable[[int, int], None] | None = None,
+                 on_saved: Callable[[Trainer], None] | None = None) -> TrainOutcome:
+    """Trains (or resumes) a run and returns the trained MODEL with its pictures and file paths.
+
+    Interrupted (ComfyUI's cancel, or `should_stop`), it writes the model file and the resumable state of
+    the last completed step before re-raising / returning unfinished.
+    """
+    world = world or World()
+    with torch.inference_mode(False), torch.enable_grad():
+        session = Session(model, clip, vae, config)
+        rows = read_rows(dataset["path"], dataset.get("format"))
+        started = time.perf_counter()
+        batches = make_batches(rows, encoders(clip, vae), session.config.resolution, session.config.cache_latents,
+                               session.config.random_crop, session.config.random_flip, progress=on_cache)
+        cache_seconds = time.perf_counter() - started
+        if session.device.type == "cuda":
+            # The source MODEL was loaded only to copy its patched weights: give its VRAM to training.
+            comfy.model_management.unload_all_models()
+            comfy.model_management.soft_empty_cache()
+        trainer = Trainer(session.config, session.trainable, batches, session.device, world,
+                          latent_channels=session.latent_channels)
+        state = load_state(files.state) if resume else None
+        if state is not None:
+            trainer.load_state_dict(state)
+            log.info("resumed %s at step %d", files.state, trainer.step)
+        validator = Validator(session, rows, config.validation_count, config.validation_steps) \
+            if config.validation_every and world.is_main else None
+
+        saved_at = [-1]
+
+        def checkpoint(current: Trainer) -> None:
+            write_outputs(session, current, files, dataset, validator)
+            saved_at[0] = current.step
+            if on_saved is not None and world.is_main:
+                on_saved(current)
+            world.barrier()
+
+        hooks = Hooks(on_step=on_step, should_stop=should_stop, on_checkpoint=checkpoint,
+                      on_validation=validator)
+        try:
+            finished = trainer.train(hooks)
+        except comfy.model_management.InterruptProcessingException:
+            write_outputs(session, trainer, files, dataset, validator)
+            raise
+        if validator is not None and (not validator.history or validator.history[-1][0] != trainer.step):
+            validator(trainer)
+            saved_at[0] = -1  # the grid changed
+        if saved_at[0] != trainer.step:
+            checkpoint(trainer)
+        weights = trainer.weights(ema=session.config.save_ema)
+        trained = session.trained_model(weights)
+    grid = validator.grid() if validator is not None else None
+    stats = {"cache_seconds": cache_seconds, "train_seconds": trainer.seconds,
+             "samples_per_second": trainer.samples_per_step * len(trainer.losses) / max(trainer.seconds, 1e-9),
+             "cached": session.config.cache_latents,
+             "weights_checksum": float(sum(w.double().sum() for w in trainer.weights(ema=False).values()))}
+    return TrainOutcome(model=trained, loss_image=image_tensor(loss_curve(trainer.losses)),
+                        validation_image=image_tensor(grid) if grid is not None else torch.zeros(1, 64, 64, 3),
+                        model_path=files.model, step=trainer.step, finished=finished, stats=stats)
+
+
+# --- the node's side: ComfyUI folders, progress, cancel ----------------------------------------------------
+
+def plain_name(name: str) -> str:
+    """A checkpoint name the user typed, as a bare file stem (no folders, no extension)."""
+    stem = name.strip().removesuffix(".safetensors")
+    if not stem or stem in (".", "..") or any(c in stem for c in '/\\:*?"<>|\0'):
+        raise ValueError(f"checkpoint_name {name!r} must be a plain file name such as 'my_ip2p_finetune'")
+    return stem
+
+
+def node_files(name: str, mode: str) -> RunFiles:
+    """LoRAs go to models/loras, full checkpoints to models/checkpoints; state and pictures to
+    output/ip2p_train/<name>/ (not in a model folder, where the state would show up as a checkpoint)."""
+    import folder_paths
+
+    stem = plain_name(name)
+    root = folder_paths.get_folder_paths("loras" if mode == "lora" else "checkpoints")[0]
+    run_dir = Path(folder_paths.get_output_directory()) / "ip2p_train" / stem
+    return RunFiles(model=Path(root) / f"{stem}.safetensors", run_dir=run_dir)
+
+
+def progress_text(text: str, node_id: str | None) -> None:
+    try:
+        from server import PromptServer
+
+        PromptServer.instance.send_progress_text(text, node_id)
+    except (ImportError, AttributeError):
+        pass  # no server (headless run): the progress bar and the log still report
+
+
+def node_progress(total: int, node_id: str | None, every_s: float = 2.0) -> Progress:
+    """Progress bar at every step; loss text and the live loss curve as preview every few seconds."""
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(total, node_id=node_id)
+    last = [0.0]
+
+    def report(trainer: Trainer, loss: float) -> None:
+        preview = None
+        now = time.monotonic()
+        if now - last[0] >= every_s or trainer.step >= total:
+            last[0] = now
+            preview = ("PNG", loss_curve(trainer.losses), 512)
+            progress_text(f"step {trainer.step}/{total}  loss {loss:.4f}", node_id)
+            log.info("step %d/%d loss %.4f", trainer.step, total, loss)
+        bar.update_absolute(trainer.step, total, preview)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    return report
+
+
+def train_from_node(model, clip, vae, dataset: dict, config: TrainConfig, name: str, resume: bool,
+                    node_id: str | None = None) -> TrainOutcome:
+    if not isinstance(dataset, dict) or "path" not in dataset:
+        raise ValueError("dataset must come from LoadEditDataset (or SaveEditDataset's dataset output)")
+    files = node_files(name, config.mode)
+    if files.model.exists() and not (resume and files.state.exists()):
+        log.warning("overwriting %s (no resumable state for it)", files.model)
+    outcome = run_training(model, clip, vae, dataset, config, files, resume=resume,
+                           on_step=node_progress(config.steps, node_id))
+    stats = outcome.stats
+    summary = (f"{outcome.step} steps, {stats['samples_per_second']:.2f} samples/s"
+               + (f", latents cached in {stats['cache_seconds']:.1f} s" if stats["cached"] else "")
+               + f"; saved {files.model.name}")
+    progress_text(summary, node_id)
+    log.info("TrainIP2P: %s", summary)
+    return outcome

@@ -1,0 +1,101 @@
+"""Data-parallel training over torch.distributed (torchrun or `accelerate launch` set the environment).
+
+Every process draws the same random numbers for the whole global batch and trains on its own slice of it;
+gradients are averaged across processes before clipping, so every process takes the same optimizer step and
+the run equals a single process with the same global batch (up to float summation order). Only rank 0
+writes files.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+# Gradients are summed in buckets of this many elements, so a 1B-parameter model needs no second full copy.
+BUCKET_ELEMENTS = 32 * 2**20
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1 and dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    @torch.no_grad()
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        if not self.active:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        for bucket in _buckets(grads):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            flat /= self.size
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    @torch.no_grad()
+    def average(self, value: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return value
+        device = value.device
+        # NCCL reduces only GPU tensors.
+        value = value.to("cuda") if dist.get_backend() == "nccl" else value.clone()
+        dist.all_reduce(value)
+        return (value / self.size).to(device)
+
+    @torch.no_grad()
+    def broadcast_parameters(self, params: list[torch.nn.Parameter]) -> None:
+        """Makes every process start from rank 0's weights, whatever each one loaded."""
+        if not self.active:
+            return
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
+def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    buckets: list[list[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        if not buckets or size + t.numel() > BUCKET_ELEMENTS or t.dtype != buckets[-1][0].dtype:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(t)
+        size += t.numel()
+    return buckets
+
+
+def launched_world() -> World:
+    """The process's place as torchrun / accelerate describe it in the environment (1 process if unset)."""
+    return World(rank=int(os.environ.get("RANK", "0")), size=int(os.environ.get("WORLD_SIZE", "1")),
+                 local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_world(world: World, use_cuda: bool) -> World:
+    """Joins the process group (NCCL on GPUs, gloo on CPUs) when more than one process was launched."""
+    if world.size > 1 and not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+    return world
+
+
+def close_world(world: World) -> None:
+    if world.active:
+        dist.destroy_process_group()
