@@ -44,6 +44,8 @@ from ..dataset.formats import DIFFUSERS, FORMATS, iter_rows, open_writer
 from ..dataset.instructions import read_captions
 from ..dataset.paths import atomic_write_json, resolve_inside
 from ..dataset.writer import read_manifest
+from ..training.distributed import World
+from ..training.distributed import launched_world as training_world
 from .workflow import WorkflowError
 
 PACK = Path(__file__).resolve().parent.parent
@@ -160,26 +162,12 @@ def load_key_file(path: Path | None) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class World:
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-
-    @property
-    def tag(self) -> str:
-        return f"[rank {self.rank}/{self.size}]"
-
-
 def launched_world(env: Mapping[str, str]) -> World:
     """This process's place as torchrun / accelerate describe it (one process when nothing is set)."""
     try:
-        world = World(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")))
-    except ValueError:
-        raise BuildError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (the launcher sets them)") from None
-    if world.size < 1 or not 0 <= world.rank < world.size:
-        raise BuildError(f"RANK {world.rank} is outside WORLD_SIZE {world.size}")
-    return world
+        return training_world(env)
+    except ValueError as error:
+        raise BuildError(str(error)) from None
 
 
 @dataclass(frozen=True)

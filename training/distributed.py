@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,10 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+
+    @property
+    def tag(self) -> str:
+        return f"[rank {self.rank}/{self.size}]"
 
     @property
     def is_main(self) -> bool:
@@ -82,10 +87,17 @@ def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     return buckets
 
 
-def launched_world() -> World:
+def launched_world(env: Mapping[str, str] | None = None) -> World:
     """The process's place as torchrun / accelerate describe it in the environment (1 process if unset)."""
-    return World(rank=int(os.environ.get("RANK", "0")), size=int(os.environ.get("WORLD_SIZE", "1")),
-                 local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+    env = os.environ if env is None else env
+    try:
+        world = World(rank=int(env.get("RANK", "0")), size=int(env.get("WORLD_SIZE", "1")),
+                      local_rank=int(env.get("LOCAL_RANK", "0")))
+    except ValueError:
+        raise ValueError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (the launcher sets them)") from None
+    if world.size < 1 or not 0 <= world.rank < world.size:
+        raise ValueError(f"RANK {world.rank} is outside WORLD_SIZE {world.size}")
+    return world
 
 
 def init_world(world: World, use_cuda: bool) -> World:
