@@ -152,6 +152,10 @@ def _row_from_record(record: dict[str, Any], columns: list[Column], base: Path) 
             continue
         value = record[column.name]
         values[column.field] = _decode_image(value, base) if column.kind == "image" else value
+    # Hub datasets in the diffusers layout often carry only input_image, edit_prompt and edited_image.
+    for text_field in ("input_caption", "instruction", "output_caption"):
+        if values.get(text_field) is None:
+            values[text_field] = ""
     return EditRow(**values)
 
 
@@ -233,6 +237,10 @@ class ParquetWriter(DatasetWriter):
     def _manifest_extra(self) -> dict[str, Any]:
         return {"shards": [f"{DATA_DIR}/{name}" for name in self._shards]}
 
+    def _discard_temps(self) -> None:
+        super()._discard_temps()
+        remove_temps(self.data_dir)
+
     def _add(self, row: EditRow, key: Key) -> None:
         record = self._record(row, key)
         if not self._buffer:
@@ -273,12 +281,17 @@ class ParquetWriter(DatasetWriter):
         name = f"train-{self._next_shard:05d}.parquet"
         final = self.data_dir / name
         tmp = temp_name(final)
-        with open(tmp, "wb") as handle:
-            # Small row groups keep a reader's memory low when images are large.
-            pq.write_table(table, handle, row_group_size=64)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
+        try:
+            with open(tmp, "wb") as handle:
+                # Small row groups keep a reader's memory low when images are large.
+                pq.write_table(table, handle, row_group_size=64)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            # A full disk: no half shard stays behind; the rows stay buffered, uncommitted.
+            tmp.unlink(missing_ok=True)
+            raise
         fsync_dir(self.data_dir)
         self._committed += len(self._buffer)
         self._shards.append(name)

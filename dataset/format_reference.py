@@ -61,7 +61,7 @@ def is_reference_dataset(folder: Path) -> bool:
 def iter_reference_rows(folder: Path) -> Iterator[EditRow]:
     """Rows in seeds.json order; images come back as paths (nothing is decoded until asked)."""
     for name, seeds in reference_index(folder):
-        pair_dir = folder / name
+        pair_dir = _pair_dir(folder, name)
         prompt = _read_prompt(pair_dir)
         if prompt is None:
             raise FileNotFoundError(f"{pair_dir / PROMPT_NAME} is missing; {SEEDS_NAME} lists {name!r}")
@@ -80,11 +80,20 @@ def reference_index(folder: Path) -> list[tuple[str, list[int]]]:
     for name in sorted(set(merged) | set(_pair_dir_names(folder))):
         seeds = merged.setdefault(name, [])
         seen = set(seeds)
-        for seed in _committed_seeds(folder / name):
+        for seed in _committed_seeds(_pair_dir(folder, name)):
             if seed not in seen:
                 seeds.append(seed)
                 seen.add(seed)
     return [(name, seeds) for name, seeds in sorted(merged.items()) if seeds]
+
+
+def _pair_dir(folder: Path, name: str) -> Path:
+    """`folder/name`, refused before anything in it is read when a symlink takes it out of the dataset."""
+    pair_dir = folder / name
+    if not pair_dir.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"the pair folder {pair_dir} of the dataset {folder} leads outside it (a symlink?); "
+                         "datasets must hold their files, not links to other places")
+    return pair_dir
 
 
 def _needs_scan(folder: Path) -> bool:
@@ -280,7 +289,14 @@ class ReferenceWriter(DatasetWriter):
         pair_dir.mkdir(exist_ok=True)
         prompt = {"caption": captions[0], "input": captions[0], "edit": captions[1], "output": captions[2]}
         prompt["group"] = row.group
-        atomic_write_json(pair_dir / PROMPT_NAME, prompt)
+        try:
+            atomic_write_json(pair_dir / PROMPT_NAME, prompt)
+        except BaseException:
+            # A full disk: leave no temporary and no empty pair folder behind.
+            remove_temps(pair_dir)
+            if not any(pair_dir.iterdir()):
+                pair_dir.rmdir()
+            raise
         self._dirs[row.group] = name
         self._group_by_dir[name] = row.group
         self._ours.add(name)
@@ -292,12 +308,16 @@ class ReferenceWriter(DatasetWriter):
         pair_dir = self.path / name
         seed = key[1]
         fmt = IMAGE_FORMATS[self._suffix]
-        atomic_write_bytes(pair_dir / f"{seed}_0.{self._suffix}", encode_image(row.input_image, fmt))
-        atomic_write_bytes(pair_dir / f"{seed}_1.{self._suffix}", encode_image(row.edited_image, fmt))
-        if row.mask is not None:
-            atomic_write_bytes(pair_dir / f"{seed}_mask.png", encode_image(row.mask, "PNG"))
-        # The commit point: once this line is whole on disk the row exists.
-        append_line(pair_dir / METADATA_NAME, json.dumps(_metadata_record(row, seed)))
+        try:
+            atomic_write_bytes(pair_dir / f"{seed}_0.{self._suffix}", encode_image(row.input_image, fmt))
+            atomic_write_bytes(pair_dir / f"{seed}_1.{self._suffix}", encode_image(row.edited_image, fmt))
+            if row.mask is not None:
+                atomic_write_bytes(pair_dir / f"{seed}_mask.png", encode_image(row.mask, "PNG"))
+            # The commit point: once this line is whole on disk the row exists.
+            append_line(pair_dir / METADATA_NAME, json.dumps(_metadata_record(row, seed)))
+        except BaseException:
+            _undo_row(pair_dir, seed)
+            raise
         self._seeds.setdefault(name, []).append(seed)
         self._committed += 1
         if time.monotonic() - self._index_written_at >= self._index_interval_s:
@@ -321,6 +341,17 @@ def _metadata_record(row: EditRow, seed: int) -> dict[str, Any]:
     if row.seed is None:
         record["seedless"] = True
     return record
+
+
+def _undo_row(pair_dir: Path, seed: int) -> None:
+    """After a failed write (full disk): no temporary, image or torn metadata line of the row stays behind."""
+    remove_temps(pair_dir)
+    cut_torn_tail(pair_dir / METADATA_NAME)
+    committed = set(_metadata_by_seed(pair_dir))
+    if seed not in committed:
+        for path in pair_dir.glob(f"{seed}_*"):
+            if _SAMPLE_FILE.match(path.name):
+                path.unlink(missing_ok=True)
 
 
 def _remove_orphans(pair_dir: Path, committed: set[int]) -> None:

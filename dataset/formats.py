@@ -66,10 +66,30 @@ def iter_rows(path: str | os.PathLike, format: str | None = None) -> Iterator[Ed
     path = _dataset_path(path)
     fmt = format or detect_format(path)
     if fmt == REFERENCE:
-        return iter_reference_rows(path)
+        return _confined(iter_reference_rows(path), path)
     if fmt in (DIFFUSERS, PUBLIC):
-        return iter_parquet_rows(path, fmt)
+        return _confined(iter_parquet_rows(path, fmt), path)
     raise ValueError(f"unknown dataset format {fmt!r}; use one of {', '.join(FORMATS)}")
+
+
+def _confined(rows: Iterator[EditRow], path: Path) -> Iterator[EditRow]:
+    """The rows, refusing image files outside the dataset's folder.
+
+    Datasets are downloaded or uploaded files: a parquet image cell may hold a path instead of bytes
+    ("/home/me/private.png", "../../x.png"), and a pair folder may hold a symlink. Following either would
+    let a dataset make the nodes read, preview, copy or train on any image the process can open.
+    """
+    root = (path if path.is_dir() else path.parent).resolve()
+    for row in rows:
+        for field in ("input_image", "edited_image", "mask"):
+            value = getattr(row, field)
+            if isinstance(value, str | os.PathLike) and not Path(value).resolve().is_relative_to(root):
+                raise ValueError(
+                    f"a row of the dataset {path} names the image file {os.fspath(value)!r}, which is outside the "
+                    f"dataset folder {root}; put the images inside that folder (or embed them in the parquet "
+                    "file) and refer to them by relative paths"
+                )
+        yield row
 
 
 def load_rows(path: str | os.PathLike, format: str | None = None) -> list[EditRow]:

@@ -35,6 +35,7 @@ import openai
 
 from .instruction_cache import CachedAnswer, InstructionCache, cache_key
 from .llm_client import (
+    INVALID,
     Attempted,
     Endpoint,
     MissingAPIKeyError,
@@ -175,6 +176,13 @@ class InstructionStats:
     failed: int = 0
     cancelled: int = 0
     reasons: list[str] = field(default_factory=list)  # distinct failure and malformed reasons, first few
+    # Captions left without an answer in the cache (failed, not JSON, empty): a rerun asks for exactly these.
+    unanswered: int = 0
+    failure_kinds: list[str] = field(default_factory=list)  # llm_client.FAILURE_KINDS seen, first seen first
+
+    def note_failure(self, kind: str | None) -> None:
+        if kind is not None and kind not in self.failure_kinds:
+            self.failure_kinds.append(kind)
 
     def note(self, reason: str) -> None:
         if reason not in self.reasons and len(self.reasons) < _MAX_REASONS:
@@ -483,8 +491,9 @@ class _Fetcher:
 
     def __call__(self, job: _Job) -> Attempted:
         result = request_with_retries(self.client, self.mode == "chat", job.body, self.retry, self.stop, self.secret)
-        # Cached from the worker, the moment it is paid for, so a crash of the caller loses nothing.
-        if result.text is not None:
+        # Cached from the worker, the moment it is paid for, so a crash of the caller loses nothing. An empty
+        # answer carries nothing worth keeping (overloaded servers send them): the next run asks again.
+        if result.text is not None and result.text.strip():
             answer = CachedAnswer(result.text, result.finish_reason)
             self.cache.put(job.key, answer, mode=self.mode, model=self.model, caption=job.caption)
         return result
@@ -556,11 +565,20 @@ def _assemble(
             continue
         if answer.failure is not None:
             stats.failed += 1
+            stats.unanswered += 1
             stats.note(answer.failure)
+            stats.note_failure(answer.failure_kind)
             continue
         if answer.text is None:
             stats.malformed += 1
-            stats.note("response was not JSON")
+            stats.unanswered += 1
+            stats.note("the server's answer was not JSON (is base_url an OpenAI-compatible API?)")
+            stats.note_failure(INVALID)
+            continue
+        if not answer.text.strip():
+            stats.malformed += 1
+            stats.unanswered += 1
+            stats.note("empty answer")
             continue
         if answer.finish_reason == "length":
             # The model hit max_tokens before the end marker: the edited caption may be cut mid-phrase.

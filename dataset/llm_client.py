@@ -71,11 +71,20 @@ class RetryPolicy:
         return ceiling * random.uniform(0.5, 1.0)
 
 
+# What went wrong with a request, for the advice a user gets (see FAILURE_KINDS).
+RATE_LIMITED = "rate_limited"  # 429: slow down
+UNAVAILABLE = "unavailable"  # 5xx, timeouts, dropped connections: the endpoint is down or overloaded
+INVALID = "invalid"  # a 200 that is not a completion: wrong base_url, or a proxy in the way
+REFUSED = "refused"  # any other 4xx: wrong model name, key or request
+FAILURE_KINDS = (RATE_LIMITED, UNAVAILABLE, INVALID, REFUSED)
+
+
 @dataclass(frozen=True)
 class Failure:
     message: str
     retryable: bool
     retry_after: float | None = None
+    kind: str = REFUSED
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -128,10 +137,35 @@ def open_client(endpoint: Endpoint) -> tuple[openai.OpenAI, str | None]:
     return client, key
 
 
+# Any run of this many characters of the key counts as the key: a server that echoes part of it (or a
+# message cut in the middle of it) must not put the rest into logs.
+_KEY_FRAGMENT = 8
+
+
 def redact(message: str, secret: str | None) -> str:
-    if secret:
-        message = message.replace(secret, REDACTED)
-    return message
+    """`message` with the key, and every fragment of it of _KEY_FRAGMENT or more characters, replaced."""
+    if not secret:
+        return message
+    message = message.replace(secret, REDACTED)
+    if len(secret) < _KEY_FRAGMENT:
+        return message
+    covered = [False] * len(message)
+    for start in range(len(secret) - _KEY_FRAGMENT + 1):
+        fragment = secret[start:start + _KEY_FRAGMENT]
+        found = message.find(fragment)
+        while found != -1:
+            covered[found:found + _KEY_FRAGMENT] = [True] * _KEY_FRAGMENT
+            found = message.find(fragment, found + 1)
+    if not any(covered):
+        return message
+    parts, previous = [], False
+    for char, hidden in zip(message, covered, strict=True):
+        if not hidden:
+            parts.append(char)
+        elif not previous:
+            parts.append(REDACTED)
+        previous = hidden
+    return "".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -159,7 +193,9 @@ def request_once(client: openai.OpenAI, chat: bool, body: dict[str, Any]) -> Ans
         choice = response.choices[0]
         text = choice.message.content if chat else choice.text
         finish_reason = choice.finish_reason
-    except (AttributeError, IndexError, KeyError, TypeError) as exc:
+    except IndexError:
+        raise InvalidResponseError("not a completion (no choices)") from None
+    except (AttributeError, KeyError, TypeError) as exc:
         raise InvalidResponseError(f"not a completion ({type(exc).__name__})") from None
     if text is not None and not isinstance(text, str):
         raise InvalidResponseError("completion text is not a string")
@@ -169,18 +205,46 @@ def request_once(client: openai.OpenAI, chat: bool, body: dict[str, Any]) -> Ans
 def classify(exc: BaseException, secret: str | None) -> Failure:
     """Whether an attempt's exception is worth another attempt, and how long the server asked us to wait."""
     if isinstance(exc, openai.APITimeoutError):
-        return Failure("request timed out", retryable=True)
+        return Failure("request timed out", retryable=True, kind=UNAVAILABLE)
     if isinstance(exc, openai.APIConnectionError):
-        return Failure(redact(f"connection error: {exc.__cause__ or exc}", secret), retryable=True)
+        cause = exc.__cause__ or exc
+        return Failure(redact(f"connection failed or closed early ({cause})", secret), retryable=True,
+                       kind=UNAVAILABLE)
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         retryable = status in (408, 409, 429) or status >= 500
         retry_after = retry_after_seconds(exc.response.headers) if retryable else None
-        return Failure(redact(f"HTTP {status}: {exc.message}", secret), retryable, retry_after)
-    if isinstance(exc, (InvalidResponseError, openai.APIResponseValidationError, json.JSONDecodeError)):
-        # Includes a 200 whose JSON is cut short: a flaky proxy or server, worth another try.
-        return Failure(redact(f"invalid response: {exc}", secret), retryable=True)
+        label, kind = _status_label(status)
+        detail = _error_detail(exc, secret)
+        message = f"{label} (HTTP {status})" + (f": {detail}" if detail else "")
+        return Failure(redact(message, secret), retryable, retry_after, kind)
+    if isinstance(exc, json.JSONDecodeError):
+        # A 200 whose JSON is cut short: a flaky proxy or server, worth another try.
+        return Failure(redact(f"invalid response: broken or cut-short JSON ({exc})", secret), retryable=True,
+                       kind=INVALID)
+    if isinstance(exc, (InvalidResponseError, openai.APIResponseValidationError)):
+        return Failure(redact(f"invalid response: {exc}", secret), retryable=True, kind=INVALID)
     return Failure(redact(f"{type(exc).__name__}: {exc}", secret), retryable=False)
+
+
+def _status_label(status: int) -> tuple[str, str]:
+    if status == 429:
+        return "rate limited", RATE_LIMITED
+    if status >= 500 or status == 408:
+        return "server error", UNAVAILABLE
+    return "refused", REFUSED
+
+
+def _error_detail(exc: openai.APIStatusError, secret: str | None) -> str:
+    """The server's own error message (OpenAI's {"error": {"message": ...}}), redacted, then cut short."""
+    body = exc.body
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        message = inner.get("message") if isinstance(inner, dict) else inner
+        if isinstance(message, str) and message.strip():
+            # redacted before cutting: a cut through the key would leave a part that no longer matches it
+            return redact(message.strip(), secret)[:200]
+    return ""
 
 
 def retry_after_seconds(headers: Any) -> float | None:
@@ -213,6 +277,7 @@ class Attempted:
     finish_reason: str | None = None
     not_json: bool = False  # the server's 200 was not JSON
     failure: str | None = None
+    failure_kind: str | None = None  # one of FAILURE_KINDS when `failure` is set
     cancelled: bool = False
     attempts: int = 0
 
@@ -232,7 +297,7 @@ def request_with_retries(
         except Exception as exc:
             failure = classify(exc, secret)
             if not failure.retryable or attempt == policy.max_attempts:
-                return Attempted(failure=failure.message, attempts=attempt)
+                return Attempted(failure=failure.message, failure_kind=failure.kind, attempts=attempt)
             wait = policy.backoff(attempt)
             if failure.retry_after is not None:
                 wait = min(failure.retry_after, policy.retry_after_max)

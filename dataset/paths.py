@@ -23,54 +23,60 @@ _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL"} | {f"{p}{i}" for p in ("COM", "
 # Control, format (zero-width, bidi overrides that disguise names) and lone surrogate characters.
 _INVISIBLE = {"Cc", "Cf", "Cs"}
 _EXAMPLE = "a plain relative folder name such as 'my_edits' or 'my_edits/run_2'"
+# Longest file or folder name most file systems accept (ext4, NTFS, APFS: 255), with room for the
+# writers' temporary-file decorations (".<name>.tmp-<pid>").
+_MAX_PART_BYTES = 200
 
 TEMP_MARKER = ".tmp-"
 
 
-def resolve_inside(root: str | os.PathLike, name: str) -> Path:
+def resolve_inside(root: str | os.PathLike, name: str, what: str = "dataset name", example: str = _EXAMPLE) -> Path:
     """The folder `root/name`, refusing any name that could reach outside `root`.
 
     Refused: absolute paths, Windows drive letters and UNC paths, `..` components, NUL, control and
-    invisible characters (zero-width, bidi overrides), characters or device names Windows forbids, and
-    symlinks (already on disk) that lead out of `root`. The name is NFKC-normalised first, so look-alike
-    characters (fullwidth dots and slashes) are judged as what they normalise to. Both / and \\ separate
-    components.
+    invisible characters (zero-width, bidi overrides), characters or device names Windows forbids, parts
+    longer than file systems allow, and symlinks (already on disk) that lead out of `root`. The name is
+    NFKC-normalised first, so look-alike characters (fullwidth dots and slashes) are judged as what they
+    normalise to. Both / and \\ separate components. `what` and `example` word the error messages.
     """
     if not isinstance(name, str):
-        raise TypeError(f"dataset name must be a string, got {type(name).__name__}")
+        raise TypeError(f"{what} must be a string, got {type(name).__name__}")
     if "\x00" in name:
-        raise ValueError(f"dataset name {name!r} contains a NUL byte; use {_EXAMPLE}")
+        raise ValueError(f"{what} {name!r} contains a NUL byte; use {example}")
     text = unicodedata.normalize("NFKC", name).strip()
     if not text:
-        raise ValueError(f"dataset name is empty; use {_EXAMPLE}")
+        raise ValueError(f"{what} is empty; use {example}")
     if any(unicodedata.category(ch) in _INVISIBLE for ch in text):
-        raise ValueError(f"dataset name {name!r} contains control or invisible characters; use {_EXAMPLE}")
+        raise ValueError(f"{what} {name!r} contains control or invisible characters; use {example}")
     if text.startswith(("/", "\\")) or _DRIVE.match(text):
-        raise ValueError(f"dataset name {name!r} is an absolute path; use {_EXAMPLE} (it goes inside {root})")
-    parts = [_check_part(part, name) for part in _SEPARATORS.split(text) if part not in ("", ".")]
+        raise ValueError(f"{what} {name!r} is an absolute path; use {example} (it goes inside {root})")
+    parts = [_check_part(part, name, what, example) for part in _SEPARATORS.split(text) if part not in ("", ".")]
     if not parts:
-        raise ValueError(f"dataset name {name!r} names the root folder itself; use {_EXAMPLE}")
+        raise ValueError(f"{what} {name!r} names the root folder itself; use {example}")
     root_path = Path(root).resolve()
     target = root_path.joinpath(*parts).resolve()
     if target == root_path or not target.is_relative_to(root_path):
         raise ValueError(
-            f"dataset name {name!r} leads outside {root_path} through a symlink; use {_EXAMPLE} "
+            f"{what} {name!r} leads outside {root_path} through a symlink; use {example} "
             "that is a real folder inside it"
         )
     return target
 
 
-def _check_part(part: str, name: str) -> str:
+def _check_part(part: str, name: str, what: str, example: str) -> str:
     if part == "..":
-        raise ValueError(f"dataset name {name!r} contains '..'; use {_EXAMPLE}")
+        raise ValueError(f"{what} {name!r} contains '..'; use {example}")
     bad = sorted(_WINDOWS_FORBIDDEN.intersection(part))
     if bad:
-        raise ValueError(f"dataset name {name!r} contains {''.join(bad)!r}; use {_EXAMPLE}")
+        raise ValueError(f"{what} {name!r} contains {''.join(bad)!r}; use {example}")
     if part.rstrip(". ") != part:
         # Windows silently drops trailing dots and spaces, so "a." and "a" would be the same folder.
-        raise ValueError(f"dataset name {name!r} has a part ending in a dot or space; use {_EXAMPLE}")
+        raise ValueError(f"{what} {name!r} has a part ending in a dot or space; use {example}")
     if part.split(".")[0].upper() in _WINDOWS_RESERVED:
-        raise ValueError(f"dataset name {name!r} uses the Windows device name {part!r}; use {_EXAMPLE}")
+        raise ValueError(f"{what} {name!r} uses the Windows device name {part!r}; use {example}")
+    if len(part.encode("utf-8")) > _MAX_PART_BYTES:
+        # Otherwise the OS refuses it later with a bare "File name too long" that names no node.
+        raise ValueError(f"{what} {name!r} has a part longer than {_MAX_PART_BYTES} bytes; use {example}")
     return part
 
 
@@ -105,11 +111,17 @@ def fsync_dir(folder: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `path` so that it is either absent/old or complete, never partial."""
     tmp = temp_name(path)
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # a full disk or a cancel must not leave a half-written temp file beside the real one
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     fsync_dir(path.parent)
 
 

@@ -7,13 +7,15 @@ cleans up what a killed writer left half done, so `add` skips rows that are alre
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
-from .paths import atomic_write_json, resolve_inside
+from .paths import atomic_write_json, remove_temps, resolve_inside
 from .records import EditRow, row_key
 
 try:
@@ -59,6 +61,7 @@ class DatasetWriter:
     def __init__(self, root: str | os.PathLike, name: str) -> None:
         self.path = resolve_inside(root, name)
         self.path.mkdir(parents=True, exist_ok=True)
+        refuse_links_out(self.path, self.path)
         self._lock = _take_lock(self.path / LOCK_NAME)
         self._keys: set[Key] = set()
         self._committed = 0
@@ -109,6 +112,10 @@ class DatasetWriter:
             self.flush()
             self._finish()
             self._write_manifest(clean=True)
+        except BaseException:
+            # A failed write (full disk) must not leave temporaries beside the rows that did make it.
+            self._discard_temps()
+            raise
         finally:
             self._closed = True
             self._lock.close()
@@ -158,6 +165,27 @@ class DatasetWriter:
     def _finish(self) -> None:
         """Last writes of a clean close (after flush, before the manifest says clean)."""
 
+    def _discard_temps(self) -> None:
+        """Deletes this writer's temporaries after a failed write (subclasses add their own folders)."""
+        remove_temps(self.path)
+
+
+def refuse_links_out(folder: Path, root: Path, depth: int = 2) -> None:
+    """Refuses a dataset folder holding symlinks (two levels deep: pair folders, shards, their files) that
+    lead outside it: resuming appends to metadata files and adds images to pair folders, which would write
+    through such a link to wherever it points."""
+    for entry in os.scandir(folder):
+        path = Path(entry.path)
+        if entry.is_symlink():
+            if not path.resolve().is_relative_to(root):
+                raise ValueError(
+                    f"{root} holds {path.relative_to(root).as_posix()!r}, a symlink leading outside the dataset "
+                    "folder; writers only write inside it: replace the link by a real folder or file, or choose "
+                    "another dataset name"
+                )
+        elif depth > 1 and entry.is_dir():
+            refuse_links_out(path, root, depth - 1)
+
 
 def _take_lock(path: Path) -> IO[bytes]:
     """An exclusive lock on `path` held while the handle is open; the OS drops it when the process dies."""
@@ -174,3 +202,22 @@ def _take_lock(path: Path) -> IO[bytes]:
             f"another writer is writing {path.parent}; wait until it finishes or choose another name"
         ) from None
     return handle
+
+
+def write_failure(error: BaseException) -> str:
+    """Why a write failed, in words (a full disk first), from an OSError or a library's wrapped OS error."""
+    code = error.errno if isinstance(error, OSError) else _os_error_code(str(error))
+    detail = (error.strerror if isinstance(error, OSError) else None) or str(error)[:200]
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full ({detail})"
+    if code == errno.EFBIG:
+        return f"the disk is full or a file size limit was reached ({detail})"
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"the folder is not writable ({detail})"
+    return f"the write failed ({detail}); is the disk full?"
+
+
+def _os_error_code(text: str) -> int | None:
+    """The errno inside messages such as safetensors' "I/O error: File too large (os error 27)"."""
+    match = re.search(r"os error (\d+)", text)
+    return int(match.group(1)) if match else None

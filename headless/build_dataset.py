@@ -42,6 +42,7 @@ from typing import Any
 
 from ..dataset.formats import DIFFUSERS, FORMATS, iter_rows, open_writer
 from ..dataset.instructions import read_captions
+from ..dataset.key_hosts import HOSTS_ENV, host_of
 from ..dataset.paths import atomic_write_json, resolve_inside
 from ..dataset.writer import read_manifest
 from ..training.distributed import World
@@ -155,6 +156,15 @@ def load_key_file(path: Path | None) -> None:
     if not key:
         raise BuildError(f"--api-key-file {path} is empty: put the API key on its first line")
     os.environ[KEY_ENV] = key
+
+
+def trust_key_host(base_url: str) -> None:
+    """The user typed --base-url on this command line, so the key may go there (a workflow alone may not
+    send it to a new host: dataset/key_hosts.py)."""
+    host = host_of(base_url)
+    if host:
+        known = os.environ.get(HOSTS_ENV, "")
+        os.environ[HOSTS_ENV] = f"{known},{host}" if known else host
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -673,6 +683,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         world = launched_world(os.environ)
         captions, repeats = read_caption_file(args.captions)
         load_key_file(args.api_key_file)
+        trust_key_host(args.base_url)
         pick_device(world)
         layout = Layout(boot_comfy(args.base_dir), args.name)
         sync = make_sync(world, layout, args, os.environ)

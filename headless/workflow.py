@@ -35,6 +35,8 @@ def object_info_in_process() -> dict[str, dict]:
             "input_order": {key: list(value) for key, value in inputs.items()},
             "output": list(cls.RETURN_TYPES),
             "output_name": list(getattr(cls, "RETURN_NAMES", cls.RETURN_TYPES)),
+            # validators (comfy-cli's among them) find a graph's outputs by this flag
+            "output_node": bool(getattr(cls, "OUTPUT_NODE", False)),
         }
     return info
 

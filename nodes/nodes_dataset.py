@@ -56,8 +56,9 @@ class GenerateEditInstructions(io.ComfyNode):
                                        "text."),
                 io.String.Input("base_url", default="http://127.0.0.1:8000/v1",
                                 tooltip="The OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM), "
-                                        "http://127.0.0.1:11434/v1 (Ollama), https://api.openai.com/v1. The API "
-                                        "key is sent there: use endpoints you trust."),
+                                        "http://127.0.0.1:11434/v1 (Ollama), https://api.openai.com/v1. A key is "
+                                        "only sent to api.openai.com, this machine, and the hosts listed in "
+                                        "user/__ip2p_keys/allowed_hosts.txt."),
                 io.String.Input("model", default="Qwen/Qwen2.5-7B-Instruct",
                                 tooltip="The model name the endpoint serves (vLLM: the model it was started with; "
                                         "OpenAI: e.g. gpt-4o-mini)."),

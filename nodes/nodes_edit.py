@@ -104,7 +104,7 @@ class InstructEdit(io.ComfyNode):
         check_is_ip2p(model)
         settings = settings_from(kwargs)
         pixels = prepare_pixels(image, resolution)
-        image_latent = encode_image(vae, pixels)
+        image_latent = encode_image(vae, pixels, model)
         positive, uncond = encode_text(clip, instruction), encode_text(clip, negative)
         samples = edit_latents(model, positive, uncond, image_latent, settings, variations=variations)
         size = (image.shape[2], image.shape[1]) if keep_input_size else None
@@ -154,19 +154,19 @@ class DualCFGSampler(io.ComfyNode):
                 **kwargs) -> io.NodeOutput:
         check_is_ip2p(model)
         settings = settings_from(kwargs)
-        concat = image_latent_from(image_latent, image, vae)
+        concat = image_latent_from(image_latent, image, vae, model)
         start = latent["samples"] if latent is not None else torch.zeros_like(concat)
         guider = make_guider(model, positive, negative, concat, settings.image_scale, settings.text_scale)
         samples = sample(guider, start, settings)
         return io.NodeOutput({"samples": samples}, guider)
 
 
-def image_latent_from(image_latent, image, vae) -> torch.Tensor:
+def image_latent_from(image_latent, image, vae, model) -> torch.Tensor:
     if image_latent is not None:
         return image_latent["samples"]
     if image is None or vae is None:
         raise ValueError("connect either `image_latent`, or `image` together with `vae`")
-    return encode_image(vae, prepare_pixels(image, 0))
+    return encode_image(vae, prepare_pixels(image, 0), model)
 
 
 class IP2PGuidanceGrid(io.ComfyNode):
@@ -206,7 +206,7 @@ class IP2PGuidanceGrid(io.ComfyNode):
         image_scales = parse_scales(image_guidance_values, "image_guidance_values")
         text_scales = parse_scales(text_guidance_values, "text_guidance_values")
         pixels = prepare_pixels(image[:1], resolution)
-        image_latent = encode_image(vae, pixels)
+        image_latent = encode_image(vae, pixels, model)
         positive, uncond = encode_text(clip, instruction), encode_text(clip, "")
         cells = []
         for s_i in image_scales:

@@ -2,7 +2,9 @@
 
 from comfy_api.v0_0_2 import io
 
+from ..pipeline.edit import check_images
 from ..pipeline.images import reference_size, resize_lanczos, to_rgb
+from .errors import named_errors
 
 
 class IP2PReferenceResize(io.ComfyNode):
@@ -29,7 +31,9 @@ class IP2PReferenceResize(io.ComfyNode):
         )
 
     @classmethod
+    @named_errors("IP2PReferenceResize")
     def execute(cls, image, resolution) -> io.NodeOutput:
+        check_images(image)
         width, height = reference_size(image.shape[2], image.shape[1], resolution)
         return io.NodeOutput(resize_lanczos(to_rgb(image), width, height), width, height)
 

@@ -13,10 +13,14 @@ Where things live (all through folder_paths, whatever a workflow says):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
+import math
 import os
 import re
+import urllib.parse
 from collections import OrderedDict
 from collections.abc import Sequence
 from itertools import islice
@@ -29,6 +33,7 @@ import folder_paths
 import numpy as np
 import torch
 import torch.nn.functional as F
+from comfy.patcher_extension import CallbacksMP
 from PIL import Image
 
 from ..dataset import clip_filter
@@ -40,14 +45,17 @@ from ..dataset.instructions import (
     Endpoint,
     InstructionStats,
     MissingAPIKeyError,
+    RetryPolicy,
     Sampling,
     as_captions,
     generate_instructions,
     read_captions,
 )
+from ..dataset.key_hosts import check_key_destination
+from ..dataset.llm_client import RATE_LIMITED, UNAVAILABLE, resolve_api_key
 from ..dataset.paths import resolve_inside
 from ..dataset.records import EditRow, open_image
-from ..dataset.writer import MANIFEST_NAME, WriterBusyError
+from ..dataset.writer import MANIFEST_NAME, WriterBusyError, write_failure
 
 NO_FILE = "none"
 CACHE_DIR = "ip2p_cache"
@@ -60,7 +68,12 @@ DATASET_ROOTS = ("output", "input")
 # Only variables named like API keys may be read: a shared workflow could otherwise name any secret in the
 # environment (cloud credentials, tokens) and send it as the bearer token to a base_url of its choosing.
 _KEY_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*API_KEY$", re.IGNORECASE)
+# An API key is sent as one HTTP header token: visible ASCII, no spaces, no line breaks.
+_KEY_TEXT = re.compile(r"[\x21-\x7e]+")
 _SCAN_LIMIT = 2000  # entries looked at per folder level when listing datasets or caption files
+# Seconds one LLM request may take, and the retry policy of the node (module-level so tests can shorten them).
+LLM_TIMEOUT_S = 60.0
+LLM_RETRY = RetryPolicy()
 _PARQUET_SCAN_LIMIT = 200
 
 
@@ -154,20 +167,77 @@ def key_file_path(name: str) -> Path | None:
 def endpoint_from(base_url: str, model: str, api_key_env: str, api_key_file: str) -> Endpoint:
     if not base_url.strip().lower().startswith(("http://", "https://")):
         raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
+    try:
+        host = urllib.parse.urlsplit(base_url.strip()).hostname
+    except ValueError as error:  # e.g. an unclosed IPv6 bracket
+        host = None
+        reason = str(error)
+    else:
+        reason = "no host name"
+    if not host:
+        raise ValueError(f"base_url {base_url!r} is not a valid URL ({reason}): write it like "
+                         "http://127.0.0.1:8000/v1")
     if not model.strip():
         raise ValueError("model is empty: give the model name the endpoint serves")
-    return Endpoint(model=model.strip(), base_url=base_url.strip(), api_key_env=key_env_name(api_key_env),
-                    api_key_file=key_file_path(api_key_file))
+    endpoint = Endpoint(model=model.strip(), base_url=base_url.strip(), api_key_env=key_env_name(api_key_env),
+                        api_key_file=key_file_path(api_key_file), timeout=LLM_TIMEOUT_S)
+    check_api_key(endpoint)
+    return endpoint
+
+
+def check_api_key(endpoint: Endpoint) -> None:
+    """Refuses a key bound for a host the user has not allowed (dataset/key_hosts.py), and a key that is not
+    one header token, without ever quoting it.
+
+    A key file with a second line (a comment, another key) or a key with a space inside fails in the HTTP
+    client with "Illegal header value b'Bearer <key>...'": the whole key would land in the node's error, the
+    server log and /history, and redacting the exact key does not catch the escaped form.
+    """
+    try:
+        key = resolve_api_key(endpoint.api_key_env, endpoint.api_key_file)
+    except MissingAPIKeyError as error:
+        raise ValueError(str(error)) from None
+    if key is None:
+        return
+    source = (f"api_key_file {Path(endpoint.api_key_file).name!r}" if endpoint.api_key_file
+              else f"the environment variable {endpoint.api_key_env}")
+    check_key_destination(endpoint.base_url, keys_directory(), source)
+    if not _KEY_TEXT.fullmatch(key):
+        raise ValueError(f"the API key in {source} is not one line of visible ASCII characters (a second line, "
+                         "a comment or a space in it?): put only the key, on one line")
 
 
 def instruction_cache_path() -> Path:
-    return Path(folder_paths.get_output_directory()) / CACHE_DIR / "instructions.jsonl"
+    # Checked like a dataset name: a symlinked ip2p_cache leading out of the output folder is refused.
+    return resolve_inside(folder_paths.get_output_directory(), f"{CACHE_DIR}/instructions.jsonl",
+                          "the LLM answer cache", f"real files in output/{CACHE_DIR} (or cache off)")
 
 
 def sampling_from(temperature: float, frequency_penalty: float, max_tokens: int, seed: int) -> Sampling:
+    check_finite(temperature=temperature, frequency_penalty=frequency_penalty)
     # Seed 0 sends none: servers that do not know the parameter are not bothered with it.
     return Sampling(temperature=temperature, frequency_penalty=frequency_penalty, max_tokens=max_tokens,
                     seed=seed or None)
+
+
+# Loggers of the HTTP stack whose DEBUG records print whole response headers and bodies (ComfyUI's
+# --verbose DEBUG turns them on): an endpoint that echoes the API key would put it into the log file.
+_HTTP_LOGGERS = ("httpx", "httpcore", "httpcore2", "openai")
+
+
+@contextlib.contextmanager
+def http_debug_logs_off():
+    """Raises the HTTP stack's loggers to INFO while requests carry the key; restores them after."""
+    loggers = [logging.getLogger(name) for name in _HTTP_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        if logger.getEffectiveLevel() < logging.INFO:
+            logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 class _Progress:
@@ -188,24 +258,51 @@ def run_instructions(
     """Rows without images, and a summary. A cancel keeps every answer received so far in the cache."""
     cache_path = instruction_cache_path() if use_cache else None
     try:
-        result = generate_instructions(
-            captions, endpoint, mode=mode, sampling=sampling, concurrency=concurrency, cache_path=cache_path,
-            progress=_Progress(), should_cancel=mm.processing_interrupted)
+        with http_debug_logs_off():
+            result = generate_instructions(
+                captions, endpoint, mode=mode, sampling=sampling, retry=LLM_RETRY, concurrency=concurrency,
+                cache_path=cache_path, progress=_Progress(), should_cancel=mm.processing_interrupted)
     except MissingAPIKeyError as error:
         raise ValueError(f"{error}; or name a key file in {keys_directory()} with api_key_file") from None
+    except OSError as error:
+        # Appending to the answer cache failed (full disk): no new request starts, and every answer cached
+        # before is kept, so the rerun after freeing space asks only for what is missing.
+        raise ValueError(f"could not write the instruction cache {cache_path}: {write_failure(error)}. Free "
+                         "space and run again (answers cached before are kept), or turn cache off") from error
     if result.cancelled:
         mm.throw_exception_if_processing_interrupted()
     if not result.rows:
-        raise ValueError(f"no usable instructions: {_stats_text(result.stats)}. Check base_url, model and mode "
-                         "(chat for chat models, completion for models fine-tuned on the paper's format)")
+        raise ValueError(f"no usable instructions: {_stats_text(result.stats)}. What to do: "
+                         f"{_advice(result.stats)}")
     rows = [EditRow(r.input_caption, r.instruction, r.output_caption, None, None) for r in result.rows]
     where = f"cached in {cache_path}" if cache_path else "cache off"
     return rows, f"{_stats_text(result.stats)} ({where})"
 
 
 def _stats_text(stats: InstructionStats) -> str:
-    reasons = "; ".join(stats.reasons)
-    return stats.summary() + (f"; reasons: {reasons}" if reasons else "")
+    """The counts, why requests failed, and what a rerun will do about it."""
+    text = stats.summary()
+    if stats.reasons:
+        text += "; reasons: " + "; ".join(stats.reasons)
+    if any("truncated at max_tokens" in reason for reason in stats.reasons):
+        text += " (raise max_tokens to get whole answers)"
+    if stats.unanswered:
+        text += (f". {stats.unanswered} captions got no answer; they are not cached and are asked again on the "
+                 "next run (answers already received are kept)")
+    return text
+
+
+def _advice(stats: InstructionStats) -> str:
+    """What to do when no caption gave a row, from the kinds of failures seen."""
+    kinds = set(stats.failure_kinds)
+    if RATE_LIMITED in kinds:
+        return ("the endpoint is rate limiting: lower concurrency, wait and run again (answers received so far "
+                "are cached)")
+    if UNAVAILABLE in kinds:
+        return ("the endpoint is down, overloaded or too slow: check that it is running, wait and run again "
+                "(answers received so far are cached)")
+    return ("check base_url, model and mode (chat for chat models, completion for models fine-tuned on the "
+            "paper's format)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -297,11 +394,32 @@ def load_encoder(name: str) -> ClipEncoder:
         encoder = build_encoder(weights, precision)
         patcher = comfy.model_patcher.ModelPatcher(encoder.model, load_device=device,
                                                    offload_device=mm.text_encoder_offload_device())
+        patcher.add_callback(CallbacksMP.ON_DETACH, _forget_when_unloaded(key))
         _ENCODERS[key] = (encoder, patcher)
     encoder, patcher = _ENCODERS[key]
     # A full load: ComfyUI's partial (low-VRAM) loading only knows its own layer types.
     mm.load_models_gpu([patcher], force_full_load=True)
     return encoder
+
+
+def _forget_when_unloaded(key: tuple):
+    """A detach callback: once ComfyUI unloads the encoder (to free memory, or "unload models"), the cache lets go
+    of it too, so its memory is really freed instead of being kept alive here."""
+
+    def forget(patcher: comfy.model_patcher.ModelPatcher, unpatch_all: bool) -> None:
+        entry = _ENCODERS.get(key)
+        if entry is None or entry[1] is not patcher:
+            return
+        # ComfyUI is in the middle of unloading it (free_memory): its finalizer, which would drop the model's
+        # entry from ComfyUI's list as soon as the model dies, is detached right after this callback anyway.
+        # Detach it now, or the model dying when we let go would shorten that list under free_memory's loop.
+        for loaded in mm.current_loaded_models:
+            finalizer = getattr(loaded, "model_finalizer", None)
+            if loaded.model is patcher and finalizer is not None:
+                finalizer.detach()
+        del _ENCODERS[key]
+
+    return forget
 
 
 def to_tensor(source) -> torch.Tensor:
@@ -345,10 +463,19 @@ def score_rows(encoder: ClipEncoder, rows: Sequence[EditRow], batch_size: int) -
     return _concat_scores(parts)
 
 
+def check_finite(**settings: float) -> None:
+    """NaN passes ComfyUI's min/max checks and every comparison; refuse it (and inf) by the setting's name."""
+    for name, value in settings.items():
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+
+
 def filter_rows(
     rows: Sequence[EditRow], weights: str, config: ClipFilterConfig, batch_size: int
 ) -> tuple[list[EditRow], str]:
     """The rows that pass, best sim_dir first per caption pair, with their scores filled in; and a report."""
+    check_finite(min_sim_0=config.min_sim_0, min_sim_1=config.min_sim_1, min_sim_dir=config.min_sim_dir,
+                 min_sim_image=config.min_sim_image)
     if not rows:
         return [], "no rows to filter"
     scores = score_rows(load_encoder(weights), rows, batch_size)
@@ -382,6 +509,11 @@ def edit_metrics(
     batch_size: int,
 ) -> tuple[ClipScores, str]:
     """The paper's metrics for edits of `inputs` (one input image may serve a whole batch of edits)."""
+    for name, images in (("input_images", inputs), ("edited_images", edits)):
+        if images.shape[0] == 0:  # the means of no scores are NaN
+            raise ValueError(f"{name} is an empty batch: connect at least one image")
+        if not torch.isfinite(images).all():
+            raise ValueError(f"{name} contain NaN or infinite values: check the node that made them")
     if inputs.shape[0] == 1 and edits.shape[0] > 1:
         inputs = inputs.expand(edits.shape[0], *inputs.shape[1:])
     if inputs.shape[0] != edits.shape[0]:
@@ -423,12 +555,19 @@ def save_rows(rows: Sequence[EditRow], name: str, fmt: str, image_format: str) -
         writer = open_writer(root, name, fmt, image_format=image_format)
     except WriterBusyError as error:
         raise ValueError(str(error)) from None
-    # The writer keeps every row added before an interrupt; a rerun skips them.
-    with writer:
-        for index, row in enumerate(rows):
-            mm.throw_exception_if_processing_interrupted()
-            written += writer.add(row)
-            bar.update_absolute(index + 1, len(rows))
+    # The writer keeps every row added before an interrupt or a failed write; a rerun skips them.
+    try:
+        with writer:
+            for index, row in enumerate(rows):
+                mm.throw_exception_if_processing_interrupted()
+                written += writer.add(row)
+                bar.update_absolute(index + 1, len(rows))
+    except OSError as error:
+        where = writer.path.relative_to(root).as_posix()
+        raise ValueError(
+            f"could not write the dataset output/{where}: {write_failure(error)}. The {len(writer)} rows saved "
+            "before are complete and kept; free space and run again: only the missing rows are added"
+        ) from error
     return writer.path.relative_to(root).as_posix(), written, len(writer)
 
 
@@ -457,6 +596,8 @@ def _datasets_under(root: Path, depth: int = 2) -> list[str]:
     for entry in sorted(islice(root.iterdir(), _SCAN_LIMIT)):
         if entry.name.startswith((".", "_")) or entry.name == CACHE_DIR:
             continue
+        if entry.is_symlink() and not entry.resolve().is_relative_to(root.resolve()):
+            continue  # loading refuses it anyway; listing it would mean looking outside ComfyUI's folders
         if _looks_like_dataset(entry):
             found.append(entry.name)
         elif entry.is_dir() and depth > 1:

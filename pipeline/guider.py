@@ -58,7 +58,24 @@ class IP2PGuider(comfy.samplers.CFGGuider):
         return combine(uncond, image, full, self.image_scale, self.text_scale)
 
 
+def matching_text(model, conditioning: list) -> list:
+    """Refuses text embeddings of another model family (e.g. an SD1.5 CLIP on an SDXL model); returns them.
+
+    Without this the mismatch surfaces deep in the UNet as a bare matrix-shape error.
+    """
+    expected = model.model.model_config.unet_config.get("context_dim")
+    for embedding, _options in conditioning:
+        width = embedding.shape[-1]
+        if expected is not None and width != expected:
+            raise ValueError(f"the text encoder does not match the model: the CLIP gives {width}-wide text "
+                             f"embeddings, the model expects {expected}. Connect the CLIP loaded with this "
+                             "model's checkpoint (SD1.x: 768, SD2.x: 1024, SDXL: 2048)")
+    return conditioning
+
+
 def make_guider(model, positive, negative, image_latent, image_scale: float, text_scale: float) -> IP2PGuider:
+    matching_text(model, positive)
+    matching_text(model, negative)
     guider = IP2PGuider(with_fused_attention(model))
     guider.set_conds(positive, negative, image_latent)
     guider.set_cfg(image_scale, text_scale)

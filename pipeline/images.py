@@ -47,7 +47,12 @@ def to_rgb(images: torch.Tensor) -> torch.Tensor:
         return images.expand(*images.shape[:-1], 3).contiguous()
     if channels == 4:
         return images[..., :3].contiguous()
-    raise ValueError(f"expected 1, 3 or 4 channels, got {channels}")
+    raise ValueError(f"expected 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, got {channels}: "
+                     "convert the image to RGB first")
+
+
+# The guidance widgets' range: larger scales only push the latents to inf/NaN.
+MAX_SCALE = 100.0
 
 
 def parse_scales(text: str, name: str) -> list[float]:
@@ -61,8 +66,8 @@ def parse_scales(text: str, name: str) -> list[float]:
             value = float(part)
         except ValueError:
             raise ValueError(f"{name}: {part!r} is not a number; write values like '1.0, 1.5, 2.0'") from None
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name}: {part!r} must be a finite number >= 0")
+        if not math.isfinite(value) or not 0 <= value <= MAX_SCALE:
+            raise ValueError(f"{name}: {part!r} must be a number from 0 to {MAX_SCALE:g} (typical: 1-10)")
         values.append(value)
     if not values:
         raise ValueError(f"{name}: give at least one value, like '1.0, 1.5, 2.0'")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import comfy.diffusers_load
@@ -81,6 +82,12 @@ def load_ip2p(name: str) -> tuple:
             model, clip, vae = comfy.sd.load_checkpoint_guess_config(
                 path, output_vae=True, output_clip=True,
                 embedding_directory=folder_paths.get_folder_paths("embeddings"))[:3]
+    except pickle.UnpicklingError as error:
+        # ComfyUI loads .ckpt/.pt files with torch's weights-only unpickler; a file that needs more than plain
+        # tensors is refused. Its own message suggests turning safe loading off, which must not be followed.
+        raise ModelKindError(f"{name} is a pickle checkpoint holding more than plain weights, so it was not "
+                             "loaded: unpickling it could run arbitrary code. Use a .safetensors version of "
+                             "the model.") from error
     except Exception as error:
         raise ModelKindError(f"could not load {name}: {error}. The file may be truncated or not a Stable "
                              "Diffusion checkpoint; re-download it or pick another.") from error

@@ -20,6 +20,7 @@ overrides set by other nodes still apply. On CPU, where ComfyUI's default kernel
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -37,8 +38,10 @@ from PIL import Image
 
 from ..dataset.records import EditRow
 from ..samplers.p2p_attention import CFG_RANGE, P_RANGE, AttentionFn, blocks_src_index, sample_p2p_params, sharing_on
+from . import memory
 from .attention import with_fused_attention
 from .edit import SamplingSettings, decode, encode_text, sigmas_for
+from .guider import matching_text
 from .loading import is_ip2p
 
 # Per-sample seeds stay inside a signed 64-bit integer: dataset writers store them in int64 columns.
@@ -126,6 +129,9 @@ def plan_samples(pair_count: int, settings: P2PSettings) -> list[SamplePlan]:
 
 def check_settings(settings: P2PSettings) -> None:
     for name, (low, high) in (("p", settings.p_range), ("cfg", settings.cfg_range)):
+        # NaN passes every comparison below (and ComfyUI's min/max checks) and would give NaN images.
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError(f"{name}_min and {name}_max must be finite numbers, got {low} and {high}")
         if low > high:
             raise ValueError(f"{name}_min ({low}) is larger than {name}_max ({high}); swap them")
     if settings.width % LATENT_SCALE or settings.height % LATENT_SCALE:
@@ -454,8 +460,10 @@ def sample_batch(model, positive: list, negative: list, plans: Sequence[SamplePl
     noise = SharedNoise([plan.seed for plan in plans], latent_shape)
     start = noise.draw()
     sampler = shared_noise_sampler_object(settings.sampler_name, noise, sigmas)
-    samples = guider.sample(start, torch.zeros_like(start), sampler, sigmas, callback=callback,
-                            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=plans[0].seed)
+    samples = memory.run_out_of_memory_safe(lambda: guider.sample(
+        start, torch.zeros_like(start), sampler, sigmas, callback=callback,
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=plans[0].seed),
+        "the pair generation", memory.P2P_ADVICE)
     return samples.to(comfy.model_management.intermediate_device())
 
 
@@ -494,7 +502,8 @@ def generate_pairs(model, clip, vae, pairs: Sequence[CaptionPair], settings: P2P
     channels = model.get_model_object("latent_format").latent_channels
     latent_shape = (channels, settings.height // LATENT_SCALE, settings.width // LATENT_SCALE)
     batch = fit_batch_size(model, settings.batch_size, latent_shape)
-    run = _Run(model, clip, vae, pairs, settings, negative=encode_text(clip, settings.negative),
+    memory.check_sampling(model, latent_shape, "the pair generation", memory.P2P_ADVICE, rows=2)
+    run = _Run(model, clip, vae, pairs, settings, negative=matching_text(model, encode_text(clip, settings.negative)),
                sigmas=sigmas_for(model, SamplingSettings(steps=settings.steps, scheduler=settings.scheduler)),
                latent_shape=latent_shape, progress=PairProgress(model, -(-len(plans) // batch) * settings.steps),
                embeddings={})

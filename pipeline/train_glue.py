@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy.weight_adapter.lora import LoRAAdapter
 
+from ..dataset.paths import resolve_inside
 from ..dataset.records import EditRow
 from ..training.config import TrainConfig
 from ..training.data import Encoders, crop_flip, load_pair, make_batches, place, read_rows
@@ -392,7 +394,7 @@ def write_outputs(session: Session, trainer: Trainer, files: RunFiles, dataset: 
     session.save_model(files.model, weights, metadata_for(trainer, dataset))
     save_torch(trainer.state_dict(), files.state)
     save_bytes(png_bytes(loss_curve(trainer.losses)), files.loss_png)
-    (files.run_dir / "loss.json").write_text(json.dumps(trainer.losses))
+    save_bytes(json.dumps(trainer.losses).encode("utf-8"), files.run_dir / "loss.json")
     grid = validator.grid() if validator is not None else None
     if grid is not None:
         save_bytes(png_bytes(grid), files.validation_png)
@@ -486,8 +488,12 @@ def node_files(name: str, mode: str) -> RunFiles:
 
     stem = plain_name(name)
     root = folder_paths.get_folder_paths("loras" if mode == "lora" else "checkpoints")[0]
-    run_dir = Path(folder_paths.get_output_directory()) / "ip2p_train" / stem
-    return RunFiles(model=Path(root) / f"{stem}.safetensors", run_dir=run_dir)
+    # resolve_inside also refuses control/invisible characters, over-long names and symlinks that lead out
+    # of the folder: the state, pictures and model are written only inside ComfyUI's folders.
+    example = "a plain file name such as 'my_ip2p_finetune'"
+    model = resolve_inside(root, f"{stem}.safetensors", "checkpoint_name", example)
+    run_dir = resolve_inside(folder_paths.get_output_directory(), f"ip2p_train/{stem}", "checkpoint_name", example)
+    return RunFiles(model=model, run_dir=run_dir)
 
 
 def progress_text(text: str, node_id: str | None) -> None:
@@ -524,6 +530,10 @@ def train_from_node(model, clip, vae, dataset: dict, config: TrainConfig, name: 
                     node_id: str | None = None) -> TrainOutcome:
     if not isinstance(dataset, dict) or "path" not in dataset:
         raise ValueError("dataset must come from LoadEditDataset (or SaveEditDataset's dataset output)")
+    for setting in ("learning_rate", "ema_decay", "max_grad_norm"):
+        # NaN passes TrainConfig's range checks and would silently train NaN weights.
+        if not math.isfinite(getattr(config, setting)):
+            raise ValueError(f"{setting} must be a finite number, got {getattr(config, setting)}")
     files = node_files(name, config.mode)
     if files.model.exists() and not (resume and files.state.exists()):
         log.warning("overwriting %s (no resumable state for it)", files.model)

@@ -202,3 +202,47 @@ def diffusers_twin(unet_sd: dict, layout: UNetLayout, in_channels: int, dtype=to
     if missing or unexpected:
         raise RuntimeError(f"diffusers twin mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
     return model.to(dtype).eval()
+
+
+# --- a tiny SDXL-family text-to-image checkpoint ------------------------------------------------------------
+# ComfyUI's KOALA_700M matcher (an SDXL distillation) pins SDXL's widths (320 channels, context 2048, adm 2816,
+# linear transformer projections) and transformer depths [0, 2, 5] per level, but not the channel multipliers:
+# three levels of one res block at width 320 is an SDXL-family model (model_base.SDXL) of ~90M parameters.
+# It has no text encoder keys, so ComfyUI's checkpoint loader returns CLIP None for it.
+
+SDXL_TINY_UNET = {
+    "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320, "num_res_blocks": [1, 1, 1],
+    "channel_mult": [1, 1, 1], "transformer_depth": [0, 2, 5], "transformer_depth_output": [0, 0, 2, 2, 5, 5],
+    "transformer_depth_middle": -2, "use_spatial_transformer": True, "use_linear_in_transformer": True,
+    "context_dim": 2048, "num_head_channels": 64, "legacy": False, "num_classes": "sequential",
+    "adm_in_channels": 2816, "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+def sdxl_state_dict(seed: int = 0, dtype=torch.float16) -> dict:
+    """UNet (KOALA-shaped, SDXL family) + TAESD-shaped VAE, no text encoders."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    shapes = _meta_shapes(lambda: UNetModel(**SDXL_TINY_UNET, operations=comfy.ops.disable_weight_init))
+    sd = {UNET_PREFIX + k: v for k, v in _fill_random(shapes, seed, dtype).items()}
+    sd.update(taesd_state_dict(seed + 2, dtype))
+    return sd
+
+
+def write_sdxl_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Writes the tiny SDXL-family checkpoint (atomically) and returns its path."""
+    import safetensors.torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(sdxl_state_dict(seed), tmp,
+                                    metadata={"comfyui_ip2p.random_model": json.dumps({"kind": "sdxl", "seed": seed})})
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

@@ -10,6 +10,24 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(scope="session", autouse=True)
+def models_released_before_exit():
+    """Drops the models tests kept alive while Python still runs: ComfyUI's ModelPatcher.__del__ fails noisily
+    when it first runs during interpreter shutdown."""
+    yield
+    import gc
+    import sys
+
+    if "comfy.model_management" not in sys.modules:
+        return
+    import comfy.model_management
+    from comfyui_ip2p.testing import probe_nodes
+
+    probe_nodes.forget_checkpoints()
+    comfy.model_management.unload_all_models()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def comfy_base(tmp_path_factory) -> Path:
     """A ComfyUI base directory booted in this process, with this pack in its custom_nodes."""

@@ -94,9 +94,7 @@ def object_info(comfy_nodes) -> dict:
     from comfyui_ip2p.headless.workflow import object_info_in_process
 
     info = object_info_in_process()
-    for name, cls in comfy_nodes.items():
-        # GET /object_info flags output nodes of the classic (V1) API too; validators need it to find outputs.
-        info[name].setdefault("output_node", bool(getattr(cls, "OUTPUT_NODE", False)))
+    assert info["SaveImage"]["output_node"] and not info["VAEDecode"]["output_node"]
     return info
 
 

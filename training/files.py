@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ..dataset.writer import write_failure
+
 
 def _umask() -> int:
     current = os.umask(0)
@@ -34,8 +36,17 @@ def remove_stale_temps(path: Path) -> None:
         stale.unlink(missing_ok=True)
 
 
+class WriteFailedError(OSError, ValueError):
+    """A file could not be written (full disk, size limit, read-only folder); the old file is untouched.
+
+    An OSError, as the failure is one; also a ValueError, so the nodes report it under their name."""
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Calls `write(temp_path)` and moves the result over `path` only when it completed."""
+    """Calls `write(temp_path)` and moves the result over `path` only when it completed.
+
+    A failed write raises WriteFailedError saying where and why; the previous file stays as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
@@ -46,6 +57,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
             os.fsync(handle.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
+    except Exception as error:
+        # Writers fail in their own words (safetensors "os error 28", torch "unexpected pos"): say it plainly.
+        raise WriteFailedError(f"could not write {path}: {write_failure(error)}. The previous {path.name} (if "
+                               "any) is unchanged; free space and run again") from error
     finally:
         tmp.unlink(missing_ok=True)
     return path

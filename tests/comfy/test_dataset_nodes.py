@@ -17,34 +17,16 @@ from comfyui_ip2p.dataset.formats import FORMATS, write_rows
 from comfyui_ip2p.dataset.records import EditRow
 from comfyui_ip2p.headless.runtime import run_prompt
 from comfyui_ip2p.testing.openai_server import FakeOpenAIServer, Reply
+from comfyui_ip2p.testing.tiny_clip import TINY_CLIP, write_tiny_clip
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-# A CLIP small enough to build in milliseconds; saved with a sidecar config, as users do for custom models.
-TINY_CLIP = {
-    "embed_dim": 16,
-    "quick_gelu": True,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 64},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1},
-}
 CLIP_NAME = "tiny_clip.safetensors"
-
-
-def write_tiny_clip(folder: Path) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / CLIP_NAME
-    if not weights.exists():
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = open_clip.CLIP(**TINY_CLIP)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
-        (folder / "tiny_clip.json").write_text(json.dumps(TINY_CLIP))
-    return CLIP_NAME
 
 
 @pytest.fixture(scope="module")
 def tiny_clip(comfy_base, comfy_nodes) -> str:
-    return write_tiny_clip(comfy_base / "models" / "clip_filter")
+    return write_tiny_clip(comfy_base / "models" / "clip_filter", "tiny_clip", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from comfyui_ip2p.dataset.formats import DIFFUSERS, load_rows, write_rows
 from comfyui_ip2p.dataset.records import EditRow
 from comfyui_ip2p.headless import build_dataset as bd
 from comfyui_ip2p.testing.openai_server import FakeOpenAIServer
+from comfyui_ip2p.testing.tiny_clip import write_tiny_clip
 from PIL import Image
 
 CAPTIONS = [
@@ -31,12 +32,7 @@ CAPTIONS = [
     "a red sports car parked on a city street",
 ]
 SAMPLES = 2
-TINY_CLIP = {
-    "embed_dim": 16,
-    "quick_gelu": True,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 64},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1},
-}
+
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -188,20 +184,6 @@ def test_a_failing_rank_exits_non_zero_and_names_the_problem(comfy_base, tmp_pat
     assert "missing.safetensors" in done.stderr and "nothing merged" in done.stderr
 
 
-def write_tiny_clip(folder: Path, stem: str) -> str:
-    import open_clip
-    import torch
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng():
-        torch.manual_seed(1)
-        model = open_clip.CLIP(**TINY_CLIP)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / f"{stem}.safetensors")
-    (folder / f"{stem}.json").write_text(json.dumps(TINY_CLIP))
-    return f"{stem}.safetensors"
-
-
 def run_build(base: Path, llm: FakeOpenAIServer, args: argparse.Namespace) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd = [*launcher, "-m", "comfyui_ip2p.headless.build_dataset", "--captions", str(args.captions),
@@ -226,7 +208,8 @@ def test_torchrun_shards_the_workflow_and_merges_one_dataset(comfy_base, tiny_t2
     captions.write_text("\n".join([*CAPTIONS, CAPTIONS[0]]) + "\n")  # a repeat is built once
     args = argparse.Namespace(captions=captions, name=f"sharded/ds_{uuid.uuid4().hex[:8]}", checkpoint=tiny_t2i_ckpt,
                               key_file=tmp_path / "key",
-                              clip_weights=write_tiny_clip(comfy_base / "models" / "clip_filter", "tiny_clip_sharded"))
+                              clip_weights=write_tiny_clip(comfy_base / "models" / "clip_filter", "tiny_clip_sharded",
+                                                           seed=1))
     layout = bd.Layout(comfy_base / "output", args.name)
 
     with FakeOpenAIServer() as llm:

@@ -8,36 +8,17 @@ import sys
 import uuid
 from pathlib import Path
 
-import open_clip
 import pytest
-import torch
 from comfyui_ip2p.dataset.formats import load_rows
 from comfyui_ip2p.headless.workflow import ui_to_api
 from comfyui_ip2p.testing.openai_server import FakeOpenAIServer
-from safetensors.torch import save_file
+from comfyui_ip2p.testing.tiny_clip import write_tiny_clip
 
 pytestmark = pytest.mark.server
 
 PACK = Path(__file__).resolve().parents[2]
 WORKFLOW = PACK / "example_workflows" / "build_dataset.json"
 SAMPLES = 2
-TINY_CLIP = {
-    "embed_dim": 16,
-    "quick_gelu": True,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 1, "head_width": 64},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1},
-}
-
-
-def write_tiny_clip(folder: Path, stem: str = "tiny_clip_server") -> str:
-    """Random CLIP weights plus the sidecar open_clip config that tells the loader its architecture."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with torch.random.fork_rng():
-        torch.manual_seed(1)
-        model = open_clip.CLIP(**TINY_CLIP)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / f"{stem}.safetensors")
-    (folder / f"{stem}.json").write_text(json.dumps(TINY_CLIP))
-    return f"{stem}.safetensors"
 
 
 def by_type(prompt: dict, class_type: str) -> dict:
@@ -68,7 +49,7 @@ def test_build_dataset_workflow_writes_a_filtered_dataset(comfy_server, comfy_ba
     keys = comfy_base / "user" / "__ip2p_keys"
     keys.mkdir(parents=True, exist_ok=True)
     (keys / "server_test.key").write_text(key)
-    clip_weights = write_tiny_clip(comfy_base / "models" / "clip_filter")
+    clip_weights = write_tiny_clip(comfy_base / "models" / "clip_filter", "tiny_clip_server", seed=1)
     name = f"built/ds_{uuid.uuid4().hex[:8]}"
 
     with FakeOpenAIServer() as llm:

@@ -158,7 +158,8 @@ def test_reads_a_reference_dataset_made_by_the_papers_scripts(tmp_path):
 
 
 def test_reads_the_public_parquet_columns_written_by_datasets(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     features = datasets.Features(
         {
             "original_prompt": datasets.Value("string"),
@@ -189,6 +190,39 @@ def test_reads_the_public_parquet_columns_written_by_datasets(tmp_path):
     np.testing.assert_array_equal(np.asarray(open_image(rows[1].edited_image)), pixels(4))
 
 
+def test_reads_a_hub_parquet_with_only_the_three_diffusers_columns(tmp_path):
+    """What diffusers' training script needs and many hub datasets carry: no caption columns at all."""
+    import datasets
+
+    features = datasets.Features({"input_image": datasets.Image(), "edit_prompt": datasets.Value("string"),
+                                  "edited_image": datasets.Image()})
+    data = {"input_image": [Image.fromarray(pixels(5))], "edit_prompt": ["make it night"],
+            "edited_image": [Image.fromarray(pixels(6))]}
+    file = tmp_path / "train.parquet"
+    datasets.Dataset.from_dict(data, features=features).to_parquet(str(file))
+
+    assert formats.detect_format(file) == "diffusers"
+    [row] = formats.load_rows(file)
+    assert (row.input_caption, row.instruction, row.output_caption) == ("", "make it night", "")
+    np.testing.assert_array_equal(np.asarray(open_image(row.edited_image)), pixels(6))
+
+
+def test_a_failed_atomic_write_leaves_neither_a_temp_file_nor_a_changed_file(tmp_path, monkeypatch):
+    from comfyui_ip2p.dataset import paths
+
+    target = tmp_path / "seeds.json"
+    target.write_bytes(b"old")
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(paths.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        paths.atomic_write_bytes(target, b"new contents")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seeds.json"]
+    assert target.read_bytes() == b"old"
+
+
 @pytest.mark.parametrize("target", ["diffusers", "reference"])
 def test_converting_keeps_jpeg_bytes_unchanged(tmp_path, target):
     formats.write_rows(make_rows(2), tmp_path, "src", "reference")
@@ -211,7 +245,7 @@ def test_converting_keeps_jpeg_bytes_unchanged(tmp_path, target):
 
 
 def test_diffusers_dataset_loads_in_hf_datasets_as_images(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     rows = make_rows(3)
     formats.write_rows(rows, tmp_path, "ds", "diffusers", rows_per_shard=2)
     folder = tmp_path / "ds"

@@ -1,0 +1,127 @@
+"""Does an edit fit in memory? Checked with ComfyUI's own estimates before any work starts.
+
+Without this, an edit far too large for the device fails late and opaquely: on a GPU with an out-of-memory
+error in the middle of sampling, on a CPU by the operating system killing ComfyUI (or hours of swapping).
+ComfyUI's sampler already splits the conditioning batch to fit the free memory, down to one row at a time
+(comfy.samplers.calc_cond_batch), so the edit is refused only when even one row cannot fit: when ComfyUI
+itself would have no way left to run it. The VAE has a way out (tiles), taken before memory runs out.
+
+A real out-of-memory error while sampling (the estimate is an estimate) becomes the same clear message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import comfy.model_management as mm
+import torch
+
+GIB = 1024**3
+EDIT_ADVICE = ("lower `resolution` (512 suits SD1.5 models; 0 keeps the full input size), edit fewer images or "
+               "variations at once, or free memory by closing other programs")
+P2P_ADVICE = "lower width and height (512 suits SD1.5 models), or free memory by closing other programs"
+
+T = TypeVar("T")
+
+
+class EditTooLargeError(ValueError):
+    """The work needs more memory than the device has, by ComfyUI's own estimate (or by a real OOM)."""
+
+
+def gib(size: float) -> str:
+    return f"{size / GIB:.1f} GiB"
+
+
+def available_memory(device: torch.device) -> int:
+    """Free memory on `device` plus what ComfyUI could free there by unloading models.
+
+    On a CPU (and Apple's unified memory) unloading moves nothing anywhere, so it frees nothing.
+    """
+    free = int(mm.get_free_memory(device))
+    if device.type in ("cpu", "mps"):
+        return free
+    loaded = sum(m.model_loaded_memory() for m in mm.current_loaded_models if m.device == device)
+    return free + int(loaded)
+
+
+def weights_to_load(patcher) -> int:
+    """Bytes of the model's weights that are not on its device yet (none when device and offload are one)."""
+    if patcher.load_device == patcher.offload_device:
+        return 0
+    return max(0, int(patcher.model_size() - patcher.loaded_size()))
+
+
+def sampling_memory(patcher, latent_shape: Sequence[int], rows: int = 1) -> int:
+    """ComfyUI's estimate for one model call on `rows` rows of `latent_shape` ([C, H, W])."""
+    return int(patcher.model.memory_required([rows, *latent_shape]))
+
+
+def check_sampling(patcher, latent_shape: Sequence[int], what: str, advice: str = EDIT_ADVICE,
+                   rows: int = 1) -> None:
+    """Raises EditTooLargeError when not even the smallest batch ComfyUI can run (`rows` rows) fits."""
+    device = patcher.load_device
+    needed = sampling_memory(patcher, latent_shape, rows) + weights_to_load(patcher)
+    available = available_memory(device)
+    if needed > available:
+        raise EditTooLargeError(
+            f"{what} is too large for this {device.type.upper()}: sampling it needs about {gib(needed)} "
+            f"(ComfyUI's estimate for one {latent_shape[-1] * 8}x{latent_shape[-2] * 8} image), but only "
+            f"{gib(available)} is available. To fix: {advice}"
+        )
+
+
+def latent_shape_for(patcher, pixels: torch.Tensor) -> tuple[int, int, int]:
+    """[C, H, W] of the latent the model samples for one of these [B, H, W, C] images."""
+    channels = patcher.get_model_object("latent_format").latent_channels
+    return channels, -(-pixels.shape[1] // 8), -(-pixels.shape[2] // 8)
+
+
+def check_edit_fits(patcher, pixels: torch.Tensor, what: str, advice: str = EDIT_ADVICE) -> None:
+    """The sampling check, done before the VAE encodes anything: a refusal should cost no work."""
+    check_sampling(patcher, latent_shape_for(patcher, pixels), what, advice)
+
+
+def vae_needs_tiles(vae, needed: int) -> bool:
+    """Whether the VAE should work in tiles: on a CPU (or Apple) whose free memory is below ComfyUI's estimate.
+
+    There, running out of memory cannot be caught (the process is killed or swaps for hours), so ComfyUI's
+    own fallback (tiles after an out-of-memory error, as on a GPU) never gets a chance. Tiles cost a little
+    time and nothing else: every image size stays possible, only sampling has a hard limit.
+    """
+    device = vae.device
+    return device.type in ("cpu", "mps") and needed > available_memory(device)
+
+
+def encode_needs_tiles(vae, pixels: torch.Tensor) -> bool:
+    height, width, channels = pixels.shape[1], pixels.shape[2], pixels.shape[3]
+    return vae_needs_tiles(vae, int(vae.memory_used_encode([1, channels, height, width], vae.vae_dtype)))
+
+
+def decode_needs_tiles(vae, samples: torch.Tensor) -> bool:
+    return vae_needs_tiles(vae, int(vae.memory_used_decode([1, *samples.shape[1:]], vae.vae_dtype)))
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A GPU out-of-memory error, or the CPU allocator's "can't allocate memory"."""
+    if isinstance(error, mm.OOM_EXCEPTION) and mm.OOM_EXCEPTION is not Exception:
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
+def run_out_of_memory_safe(work: Callable[[], T], what: str, advice: str = EDIT_ADVICE) -> T:
+    """Runs `work`; an out-of-memory error comes back as EditTooLargeError saying what to do.
+
+    As ComfyUI does after an out-of-memory error, loaded models are unloaded so the next run starts clean.
+    """
+    failed = None
+    try:
+        return work()
+    except Exception as error:
+        if not is_out_of_memory(error):
+            raise
+        failed = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+    # Outside the except block, so the exception's frames (and the tensors they hold) are already released.
+    mm.unload_all_models()
+    mm.soft_empty_cache()
+    raise EditTooLargeError(f"{what} ran out of memory while sampling ({failed}). To fix: {advice}")
