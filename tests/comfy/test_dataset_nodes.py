@@ -16,6 +16,7 @@ from comfyui_ip2p.dataset.clip_filter import ClipEncoder
 from comfyui_ip2p.dataset.formats import FORMATS, write_rows
 from comfyui_ip2p.dataset.records import EditRow
 from comfyui_ip2p.headless.runtime import run_prompt
+from comfyui_ip2p.testing.edit_rows import random_rows
 from comfyui_ip2p.testing.openai_server import FakeOpenAIServer, Reply
 from comfyui_ip2p.testing.tiny_clip import TINY_CLIP, write_tiny_clip
 from PIL import Image
@@ -37,17 +38,6 @@ def reference_encoder(tiny_clip, comfy_base) -> ClipEncoder:
     return ClipEncoder(model)
 
 
-def make_rows(groups: int = 2, per_group: int = 5, size: int = 48, seed: int = 0) -> list[EditRow]:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for g in range(groups):
-        for s in range(per_group):
-            base = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-            edit = np.clip(base.astype(int) + rng.integers(-80, 80, base.shape), 0, 255).astype(np.uint8)
-            rows.append(EditRow(f"a photo of house {g}", "make it winter", f"a photo of house {g} in winter",
-                                Image.fromarray(base), Image.fromarray(edit), seed=100 * g + s, p=0.1 * s,
-                                cfg=7.5 + s))
-    return rows
 
 
 def as_batch(images) -> torch.Tensor:
@@ -229,7 +219,7 @@ def reference_scores(encoder: ClipEncoder, rows: list[EditRow]):
 
 
 def test_filter_scores_every_pair_like_the_clip_model_does(comfy_nodes, tiny_clip, reference_encoder):
-    rows = make_rows()
+    rows = random_rows()
     kept, inputs, edits, report = comfy_nodes["CLIPDirectionFilter"].execute(rows, **filter_inputs(tiny_clip)).result
     expected = reference_scores(reference_encoder, rows)
     assert len(kept) == len(rows)
@@ -247,7 +237,7 @@ def test_filter_scores_every_pair_like_the_clip_model_does(comfy_nodes, tiny_cli
 
 
 def test_filter_drops_below_each_threshold_and_caps_per_caption_pair(comfy_nodes, tiny_clip, reference_encoder):
-    rows = make_rows()
+    rows = random_rows()
     scores = reference_scores(reference_encoder, rows)
     node = comfy_nodes["CLIPDirectionFilter"]
     for name in ("sim_0", "sim_1", "sim_dir", "sim_image"):
@@ -274,7 +264,7 @@ def test_filter_refuses_rows_without_images(comfy_nodes, tiny_clip):
 
 def test_missing_clip_weights_say_where_to_put_them(comfy_nodes, comfy_base, tiny_clip):
     folder = unique("no_clip")
-    write_rows(make_rows(1, 2), comfy_base / "output", folder, "reference")
+    write_rows(random_rows(1, 2), comfy_base / "output", folder, "reference")
     prompt = {"1": {"class_type": "LoadEditDataset",
                     "inputs": {"dataset": "none", "format": "auto", "max_rows": 0, "preview_count": 1,
                                "dataset_override": f"output/{folder}"}},
@@ -346,7 +336,7 @@ def load(comfy_nodes, name, fmt="auto", max_rows=0, preview_count=4):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_save_then_load_round_trip(comfy_nodes, comfy_base, fmt):
-    rows = make_rows(2, 3)
+    rows = random_rows(2, 3)
     name = unique(f"runs/{fmt}")
     path, written, handle = save(comfy_nodes, rows, name, fmt)
     assert path == name and written == 6
@@ -374,7 +364,7 @@ def test_saved_parquet_loads_in_hugging_face_datasets(comfy_nodes, comfy_base, t
     import datasets
 
     name = unique("hf")
-    save(comfy_nodes, make_rows(1, 3), name, "diffusers", "jpg")
+    save(comfy_nodes, random_rows(1, 3), name, "diffusers", "jpg")
     loaded = datasets.load_dataset(str(comfy_base / "output" / name), cache_dir=str(tmp_path / "hf"))["train"]
     assert loaded.column_names[:3] == ["input_image", "edit_prompt", "edited_image"]
     assert len(loaded) == 3 and loaded[0]["edited_image"].size == (48, 48)
@@ -382,7 +372,7 @@ def test_saved_parquet_loads_in_hugging_face_datasets(comfy_nodes, comfy_base, t
 
 def test_save_resumes_adding_only_new_rows_and_load_notices(comfy_nodes):
     name = unique("resume")
-    rows = make_rows(2, 3)
+    rows = random_rows(2, 3)
     loader = comfy_nodes["LoadEditDataset"]
     assert save(comfy_nodes, rows[:4], name, "reference")[1] == 4
     stamp = loader.fingerprint_inputs(dataset="none", format="auto", max_rows=0, preview_count=0,
@@ -398,7 +388,7 @@ def test_a_dataset_being_written_elsewhere_is_not_touched(comfy_nodes, comfy_bas
     name = unique("busy")
     with open_writer(comfy_base / "output", name, "diffusers"), pytest.raises(
             ValueError, match=r"^SaveEditDataset: another writer is writing"):
-        save(comfy_nodes, make_rows(1, 1), name, "diffusers")
+        save(comfy_nodes, random_rows(1, 1), name, "diffusers")
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/../../escape", "/tmp/ip2p_escape", "C:\\escape", "\\\\server\\x",
@@ -406,7 +396,7 @@ def test_a_dataset_being_written_elsewhere_is_not_touched(comfy_nodes, comfy_bas
 def test_hostile_dataset_names_are_refused(comfy_nodes, comfy_base, name):
     before = set(comfy_base.parent.iterdir())
     with pytest.raises(ValueError, match=r"^SaveEditDataset: dataset name"):
-        save(comfy_nodes, make_rows(1, 1), name, "diffusers")
+        save(comfy_nodes, random_rows(1, 1), name, "diffusers")
     assert set(comfy_base.parent.iterdir()) == before
     assert not Path("/tmp/ip2p_escape").exists()
 
@@ -426,7 +416,7 @@ def test_missing_dataset_and_rows_without_images_are_explained(comfy_nodes):
 
 def test_load_filter_save_graph_through_the_executor(comfy_nodes, comfy_base, tiny_clip):
     source, target = unique("graph_in"), unique("graph_out")
-    write_rows(make_rows(2, 4), comfy_base / "input", source, "reference")
+    write_rows(random_rows(2, 4), comfy_base / "input", source, "reference")
     prompt = {"1": {"class_type": "LoadEditDataset",
                     "inputs": {"dataset": f"input/{source}", "format": "auto", "max_rows": 0, "preview_count": 2}},
               "2": {"class_type": "CLIPDirectionFilter", "inputs": {"rows": ["1", 1], **filter_inputs(tiny_clip,

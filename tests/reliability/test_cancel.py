@@ -20,6 +20,7 @@ from comfyui_ip2p.dataset.formats import load_rows, write_rows
 from comfyui_ip2p.dataset.paths import is_temp
 from comfyui_ip2p.dataset.records import EditRow
 from comfyui_ip2p.headless.runtime import run_prompt
+from comfyui_ip2p.testing.edit_rows import random_rows
 from comfyui_ip2p.testing.tiny_clip import write_tiny_clip
 from PIL import Image
 
@@ -317,16 +318,8 @@ def test_cancel_during_pair_generation_stops_in_a_step_and_leaves_the_model_as_i
 # --- CLIP filter -----------------------------------------------------------------------------------------
 
 
-def make_rows(groups: int, per_group: int, size: int = 32, seed: int = 0) -> list[EditRow]:
-    rng = np.random.default_rng(seed)
-    rows = []
-    for g in range(groups):
-        for s in range(per_group):
-            base = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-            edit = np.clip(base.astype(int) + rng.integers(-80, 80, base.shape), 0, 255).astype(np.uint8)
-            rows.append(EditRow(f"a photo of house {g}", "make it winter", f"a photo of house {g} in winter",
-                                Image.fromarray(base), Image.fromarray(edit), seed=100 * g + s, p=0.5, cfg=7.5))
-    return rows
+def make_rows(groups: int, per_group: int) -> list[EditRow]:
+    return random_rows(groups, per_group, size=32)
 
 
 @pytest.fixture(scope="module")

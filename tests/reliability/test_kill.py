@@ -42,6 +42,13 @@ def make_base(root: Path) -> Path:
     return root
 
 
+def dataset_base(tmp_path: Path) -> tuple[Path, str]:
+    """A base folder of the test's own with a tiny text-to-image checkpoint and tiny CLIP filter weights."""
+    base = make_base(tmp_path / "base")
+    write_checkpoint(base / "models/checkpoints/tiny_t2i.safetensors", "t2i", "tiny", seed=10)
+    return base, write_tiny_clip(base / "models" / "clip_filter", "tiny_clip_kill", seed=2)
+
+
 def kill(server: ComfyServer) -> None:
     """SIGKILL to the server's whole process group, as the OOM killer or a power cut would end it."""
     os.killpg(server.process.pid, signal.SIGKILL)
@@ -110,9 +117,7 @@ def rows_by_caption_and_seed(folder: Path) -> Counter:
 
 
 def test_killed_dataset_build_reruns_to_every_pair_exactly_once_without_paying_twice(tmp_path):
-    base = make_base(tmp_path / "base")
-    write_checkpoint(base / "models/checkpoints/tiny_t2i.safetensors", "t2i", "tiny", seed=10)
-    clip = write_tiny_clip(base / "models" / "clip_filter", "tiny_clip_kill", seed=2)
+    base, clip = dataset_base(tmp_path)
     name = "kill/dataset"
     folder = base / "output" / name
     expected = len(CAPTIONS) * SAMPLES
@@ -173,9 +178,7 @@ def test_killed_parquet_save_reruns_to_a_dataset_that_hugging_face_loads(tmp_pat
     import datasets
     import pyarrow.parquet as pq
 
-    base = make_base(tmp_path / "base")
-    write_checkpoint(base / "models/checkpoints/tiny_t2i.safetensors", "t2i", "tiny", seed=10)
-    clip = write_tiny_clip(base / "models" / "clip_filter", "tiny_clip_kill", seed=2)
+    base, clip = dataset_base(tmp_path)
     name = "kill_parquet"
     folder = base / "output" / name
     expected = len(CAPTIONS) * SAMPLES
