@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from .paths import fsync_dir, remove_temps, temp_name
+from .paths import remove_temps, write_atomically
 from .records import IMAGE_FORMATS, EditRow, ImageSource, encode_image, encoded_format, raw_bytes
 from .writer import DatasetWriter, Key
 
@@ -280,19 +280,9 @@ class ParquetWriter(DatasetWriter):
         table = pa.Table.from_pylist(self._buffer, schema=self._schema)
         name = f"train-{self._next_shard:05d}.parquet"
         final = self.data_dir / name
-        tmp = temp_name(final)
-        try:
-            with open(tmp, "wb") as handle:
-                # Small row groups keep a reader's memory low when images are large.
-                pq.write_table(table, handle, row_group_size=64)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            # A full disk: no half shard stays behind; the rows stay buffered, uncommitted.
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(self.data_dir)
+        # Small row groups keep a reader's memory low when images are large. A failed write (full disk) leaves
+        # no half shard behind, and the rows stay buffered, uncommitted.
+        write_atomically(final, lambda handle: pq.write_table(table, handle, row_group_size=64))
         self._committed += len(self._buffer)
         self._shards.append(name)
         self._next_shard += 1

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -530,10 +529,6 @@ def train_from_node(model, clip, vae, dataset: dict, config: TrainConfig, name: 
                     node_id: str | None = None) -> TrainOutcome:
     if not isinstance(dataset, dict) or "path" not in dataset:
         raise ValueError("dataset must come from LoadEditDataset (or SaveEditDataset's dataset output)")
-    for setting in ("learning_rate", "ema_decay", "max_grad_norm"):
-        # NaN passes TrainConfig's range checks and would silently train NaN weights.
-        if not math.isfinite(getattr(config, setting)):
-            raise ValueError(f"{setting} must be a finite number, got {getattr(config, setting)}")
     files = node_files(name, config.mode)
     if files.model.exists() and not (resume and files.state.exists()):
         log.warning("overwriting %s (no resumable state for it)", files.model)

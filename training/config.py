@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,11 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        for setting in dataclasses.fields(self):
+            value = getattr(self, setting.name)
+            # NaN passes every range check below and would silently train NaN weights.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{setting.name} must be a finite number, got {value}")
         positive = ("steps", "batch_size", "grad_accumulation", "resolution", "lora_rank", "validation_steps")
         for name in positive:
             if getattr(self, name) < 1:
