@@ -8,14 +8,19 @@
 Images are the `datasets` Image feature struct {bytes, path}; the schema carries the `huggingface` features
 metadata so `datasets.load_dataset` decodes them to PIL images. Our metadata rides along in extra columns.
 
-A written dataset is `data/train-00000.parquet, ...` plus `ip2p_dataset.json`. Each shard appears whole or
-not at all (written under a hidden temporary name, then renamed); the shards on disk are the truth about
-which rows exist, the manifest only records progress and the format.
+A written dataset is `data/train-00000.parquet, ...` plus the hidden manifest `.ip2p_dataset.json` (hidden so
+that `datasets.load_dataset(folder)` reads only the shards). Each shard appears whole or not at all (written
+under a hidden temporary name, then renamed); the shards on disk are the truth about which rows exist, the
+manifest only records progress and the format. A dataset with no rows has no shard: `datasets` (5.x) cannot
+load a 0-row split in any form (an empty shard fails with 'Instruction "train" corresponds to no data!'), and
+"doesn't contain any data files" says what is wrong; the pack's readers load it as 0 rows.
+
+Every shard is opened through paths.open_dataset_file (inside the dataset, a regular file, never blocking),
+and every image cell's header is checked against the pixel budget before anything decodes it.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -29,8 +34,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from .paths import remove_temps, write_atomically
-from .records import IMAGE_FORMATS, EditRow, ImageSource, encode_image, encoded_format, raw_bytes
+from .paths import dataset_path, open_dataset_file, remove_temps, write_atomically
+from .records import IMAGE_FORMATS, EditRow, ImageSource, encode_image, encoded_format, open_header, raw_bytes
 from .writer import DatasetWriter, Key
 
 DIFFUSERS = "diffusers"
@@ -120,38 +125,56 @@ def parquet_files(path: Path) -> list[Path]:
     return files
 
 
+def _root_of(path: Path) -> Path:
+    """The folder a dataset's files must stay inside: the dataset folder, or a lone file's own folder."""
+    return path if path.is_dir() else path.parent
+
+
+def read_parquet_schema(file: Path, root: Path) -> pa.Schema:
+    with open_dataset_file(file, root) as handle:
+        return pq.read_schema(handle)
+
+
 def detect_parquet_layout(path: Path) -> str | None:
     files = parquet_files(path)
     if not files:
         return None
-    return layout_of_columns(set(pq.read_schema(files[0]).names))
+    return layout_of_columns(set(read_parquet_schema(files[0], _root_of(path)).names))
 
 
 def iter_parquet_rows(path: Path, layout: str | None = None, batch_size: int = 16) -> Iterator[EditRow]:
-    """Rows of every parquet file of `path`, a few at a time; images are lazily opened PIL images."""
+    """Rows of every parquet file of `path`, a few at a time; images are lazily opened PIL images whose size
+    was checked (header only) against the pixel budget."""
+    root = _root_of(path)
     for file in parquet_files(path):
-        parquet = pq.ParquetFile(file)
-        names = set(parquet.schema_arrow.names)
-        file_layout = layout or layout_of_columns(names)
-        if file_layout is None or not _REQUIRED[file_layout] <= names:
-            raise ValueError(
-                f"{file} has columns {sorted(names)}; expected {sorted(_REQUIRED[DIFFUSERS])} (diffusers) "
-                f"or {sorted(_REQUIRED[PUBLIC])} (public clip-filtered)"
-            )
-        columns = [column for column in LAYOUTS[file_layout] if column.name in names]
-        wanted = [column.name for column in columns]
-        for batch in parquet.iter_batches(batch_size=batch_size, columns=wanted):
-            for record in batch.to_pylist():
-                yield _row_from_record(record, columns, file.parent)
+        with open_dataset_file(file, root) as handle:
+            parquet = pq.ParquetFile(handle)
+            names = set(parquet.schema_arrow.names)
+            file_layout = layout or layout_of_columns(names)
+            if file_layout is None or not _REQUIRED[file_layout] <= names:
+                raise ValueError(
+                    f"{file} has columns {sorted(names)}; expected {sorted(_REQUIRED[DIFFUSERS])} (diffusers) "
+                    f"or {sorted(_REQUIRED[PUBLIC])} (public clip-filtered)"
+                )
+            columns = [column for column in LAYOUTS[file_layout] if column.name in names]
+            wanted = [column.name for column in columns]
+            shown = file.relative_to(root).as_posix() if file.is_relative_to(root) else file.name
+            index = 0
+            for batch in parquet.iter_batches(batch_size=batch_size, columns=wanted):
+                for record in batch.to_pylist():
+                    yield _row_from_record(record, columns, file.parent, root, f"row {index} of {shown}")
+                    index += 1
 
 
-def _row_from_record(record: dict[str, Any], columns: list[Column], base: Path) -> EditRow:
+def _row_from_record(record: dict[str, Any], columns: list[Column], base: Path, root: Path, where: str) -> EditRow:
     values: dict[str, Any] = {}
     for column in columns:
         if column.field == "sample_id":
             continue
         value = record[column.name]
-        values[column.field] = _decode_image(value, base) if column.kind == "image" else value
+        if column.kind == "image":
+            value = _decode_image(value, base, root, f"the {column.name} of {where} in the dataset {root}")
+        values[column.field] = value
     # Hub datasets in the diffusers layout often carry only input_image, edit_prompt and edited_image.
     for text_field in ("input_caption", "instruction", "output_caption"):
         if values.get(text_field) is None:
@@ -159,7 +182,8 @@ def _row_from_record(record: dict[str, Any], columns: list[Column], base: Path) 
     return EditRow(**values)
 
 
-def _decode_image(value: Any, base: Path) -> Image.Image | Path | None:
+def _decode_image(value: Any, base: Path, root: Path, what: str) -> Image.Image | Path | None:
+    """A cell as a lazily opened image (size checked, pixels not decoded) or a path held to the dataset."""
     if value is None:
         return None
     if isinstance(value, dict):
@@ -169,9 +193,9 @@ def _decode_image(value: Any, base: Path) -> Image.Image | Path | None:
     else:
         data, path = None, str(value)
     if data is not None:
-        return Image.open(io.BytesIO(data))
+        return open_header(data, what)
     if path:
-        return base / path
+        return dataset_path(base / path, root)
     return None
 
 
@@ -225,10 +249,11 @@ class ParquetWriter(DatasetWriter):
             match = _SHARD.match(shard.name)
             if not match:
                 continue
-            names = set(pq.read_schema(shard).names)
-            if not {"group", "sample_id"} <= names or layout_of_columns(names) != self.format:
-                raise ValueError(f"{shard} is not a {self.format!r} shard written by this pack")
-            keys = pq.read_table(shard, columns=["group", "sample_id"]).to_pydict()
+            with open_dataset_file(shard, self.path) as handle:
+                names = set(pq.read_schema(handle).names)
+                if not {"group", "sample_id"} <= names or layout_of_columns(names) != self.format:
+                    raise ValueError(f"{shard} is not a {self.format!r} shard written by this pack")
+                keys = pq.read_table(handle, columns=["group", "sample_id"]).to_pydict()
             self._keys.update(zip(keys["group"], keys["sample_id"], strict=True))
             self._committed += len(keys["group"])
             self._shards.append(shard.name)
@@ -268,8 +293,9 @@ class ParquetWriter(DatasetWriter):
 
     def _image_bytes(self, source: ImageSource) -> bytes:
         raw = raw_bytes(source)
-        # Any encoding PIL can read is fine for the Image feature, so files go in unchanged.
+        # Any encoding PIL can read is fine for the Image feature, so files go in unchanged (size checked).
         if raw is not None and encoded_format(raw) is not None:
+            open_header(raw)
             return raw
         return encode_image(source, self._image_format)
 

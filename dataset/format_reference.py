@@ -2,8 +2,10 @@
 
     seeds.json                 [["0000000", [seed, ...]], ...]   the index the reference EditDataset reads
     0000000/prompt.json        {"caption"/"input": ..., "edit": ..., "output": ...}
-    0000000/<seed>_0.jpg       input image
+    0000000/<seed>_0.jpg       input image (always written: the reference EditDataset opens exactly this name)
     0000000/<seed>_1.jpg       edited image
+    0000000/<seed>_0.png       with image_format "png" only: the lossless copy beside the jpg, which our
+    0000000/<seed>_1.png       reader prefers (the reference code never looks at it)
     0000000/<seed>_mask.png    optional mask (our addition; the reference ignores it)
     0000000/metadata.jsonl     one line per seed: seed, p2p_threshold, cfg_scale, clip_sim_*
 
@@ -26,7 +28,10 @@ from .paths import (
     append_line,
     atomic_write_bytes,
     atomic_write_json,
+    check_dataset_file,
     cut_torn_tail,
+    dataset_path,
+    read_dataset_json,
     read_jsonl,
     remove_temps,
 )
@@ -40,7 +45,8 @@ METADATA_NAME = "metadata.jsonl"
 
 _PAIR_DIR = re.compile(r"^\d{7}$")
 _SAMPLE_FILE = re.compile(r"^(\d+)_(0|1|mask)\.[A-Za-z]+$")
-_IMAGE_SUFFIXES = ("jpg", "png", "jpeg", "webp")
+# Lossless first: a dataset saved with image_format "png" holds each image twice (see ReferenceWriter).
+_IMAGE_SUFFIXES = ("png", "jpg", "jpeg", "webp")
 # Row field -> metadata.jsonl keys, the reference generator's name first.
 _METADATA_KEYS = {
     "p": ("p2p_threshold", "p"),
@@ -53,8 +59,9 @@ _METADATA_KEYS = {
 
 
 def is_reference_dataset(folder: Path) -> bool:
-    return (folder / SEEDS_NAME).is_file() or any(
-        (folder / name / PROMPT_NAME).is_file() for name in _pair_dir_names(folder)
+    # lexists: a seeds.json that is a FIFO or a link out is this format's file, refused when read, not ignored
+    return os.path.lexists(folder / SEEDS_NAME) or any(
+        os.path.lexists(folder / name / PROMPT_NAME) for name in _pair_dir_names(folder)
     )
 
 
@@ -66,9 +73,9 @@ def iter_reference_rows(folder: Path) -> Iterator[EditRow]:
         if prompt is None:
             raise FileNotFoundError(f"{pair_dir / PROMPT_NAME} is missing; {SEEDS_NAME} lists {name!r}")
         metadata = _metadata_by_seed(pair_dir)
-        files = {path.name for path in pair_dir.iterdir()}
+        files = _regular_files(pair_dir)
         for seed in seeds:
-            yield _row(pair_dir, prompt, seed, metadata.get(seed, {}), files)
+            yield _row(folder, pair_dir, prompt, seed, metadata.get(seed, {}), files)
 
 
 def reference_index(folder: Path) -> list[tuple[str, list[int]]]:
@@ -110,9 +117,9 @@ def _pair_dir_names(folder: Path) -> Iterator[str]:
 
 def _read_seeds_json(folder: Path) -> list[tuple[str, list[int]]] | None:
     path = folder / SEEDS_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
-    value = json.loads(path.read_text(encoding="utf-8"))
+    value = read_dataset_json(path, folder)
     if not isinstance(value, list):
         raise ValueError(f"{path} must be a list of [folder name, [seed, ...]]")
     index = []
@@ -129,9 +136,9 @@ def _read_seeds_json(folder: Path) -> list[tuple[str, list[int]]] | None:
 
 def _read_prompt(pair_dir: Path) -> dict[str, Any] | None:
     path = pair_dir / PROMPT_NAME
-    if not path.is_file():
+    if not os.path.lexists(path):
         return None
-    value = json.loads(path.read_text(encoding="utf-8"))
+    value = read_dataset_json(path, pair_dir.parent)
     if not isinstance(value, dict):
         raise ValueError(f"{path} must hold a JSON object with caption/input, edit and output")
     return value
@@ -144,7 +151,7 @@ def _prompt_captions(prompt: dict[str, Any]) -> tuple[str, str, str]:
 
 def _metadata_by_seed(pair_dir: Path) -> dict[int, dict[str, Any]]:
     by_seed = {}
-    for record in read_jsonl(pair_dir / METADATA_NAME):
+    for record in read_jsonl(pair_dir / METADATA_NAME, pair_dir.parent):
         try:
             by_seed[int(record["seed"])] = record
         except (KeyError, TypeError, ValueError):
@@ -156,13 +163,20 @@ def _committed_seeds(pair_dir: Path) -> list[int]:
     """Seeds with a metadata line and both images: what a killed writer finished in this folder."""
     if not pair_dir.is_dir():
         return []
-    files = {path.name for path in pair_dir.iterdir()}
+    files = _regular_files(pair_dir)
     return [
         seed for seed in _metadata_by_seed(pair_dir) if _find_image(files, seed, "0") and _find_image(files, seed, "1")
     ]
 
 
-def _find_image(files: set[str], seed: int, part: str) -> str | None:
+def _regular_files(pair_dir: Path) -> dict[str, bool]:
+    """Names in `pair_dir` -> whether each may be read as a file (a regular file, or a symlink that
+    paths.open_dataset_file judges when opened). Listing costs no extra system call per file (d_type)."""
+    with os.scandir(pair_dir) as entries:
+        return {e.name: e.is_symlink() or e.is_file(follow_symlinks=False) for e in entries}
+
+
+def _find_image(files: dict[str, bool], seed: int, part: str) -> str | None:
     for suffix in _IMAGE_SUFFIXES:
         name = f"{seed}_{part}.{suffix}"
         if name in files:
@@ -170,13 +184,15 @@ def _find_image(files: set[str], seed: int, part: str) -> str | None:
     return None
 
 
-def _row(pair_dir: Path, prompt: dict[str, Any], seed: int, meta: dict[str, Any], files: set[str]) -> EditRow:
+def _row(
+    folder: Path, pair_dir: Path, prompt: dict[str, Any], seed: int, meta: dict[str, Any], files: dict[str, bool]
+) -> EditRow:
     images = []
     for part in ("0", "1"):
         found = _find_image(files, seed, part)
         if found is None:
             raise FileNotFoundError(f"{pair_dir}: seed {seed} is listed but {seed}_{part}.jpg is missing")
-        images.append(pair_dir / found)
+        images.append(_image_path(folder, pair_dir, found, files))
     mask = _find_image(files, seed, "mask")
     caption, edit, output = _prompt_captions(prompt)
     scores = {field: _first_number(meta, keys) for field, keys in _METADATA_KEYS.items()}
@@ -186,11 +202,20 @@ def _row(pair_dir: Path, prompt: dict[str, Any], seed: int, meta: dict[str, Any]
         output_caption=output,
         input_image=images[0],
         edited_image=images[1],
-        mask=pair_dir / mask if mask else None,
+        mask=_image_path(folder, pair_dir, mask, files) if mask else None,
         seed=None if meta.get("seedless") else seed,
         group=str(prompt.get("group") or pair_dir.name),
         **scores,
     )
+
+
+def _image_path(folder: Path, pair_dir: Path, name: str, files: dict[str, bool]) -> Path:
+    """The image as a path held to the dataset folder. A FIFO, device or socket is refused now, while listing,
+    not when some later node opens it (the listing already knows; nothing is opened)."""
+    path = dataset_path(pair_dir / name, folder)
+    if not files[name]:
+        check_dataset_file(path)
+    return path
 
 
 def _first_number(meta: dict[str, Any], keys: tuple[str, ...]) -> float | None:
@@ -202,6 +227,12 @@ def _first_number(meta: dict[str, Any], keys: tuple[str, ...]) -> float | None:
 
 class ReferenceWriter(DatasetWriter):
     """Writes the reference layout; `image_format` "jpg" (the reference's, quality 100) or "png" (lossless).
+
+    With "png" every image is written twice: `<seed>_0.jpg` as the reference code needs it (its EditDataset
+    opens exactly `{seed}_0.jpg`/`{seed}_1.jpg`, its prepare_dataset.py lists `*_0.jpg`), and `<seed>_0.png`
+    beside it, which this pack's reader prefers. Why not refuse png for this layout: png is the node's default,
+    and a refusal would come only after the whole (expensive) pair generation ran; why not png only: the
+    reference code then finds no image at all. The price is disk space, for the user who asked for lossless.
 
     Rows of one group share a pair folder, so they must share input caption, instruction and output caption.
     Seedless rows are filed under their content id (see records.sample_id) and read back seedless.
@@ -259,7 +290,8 @@ class ReferenceWriter(DatasetWriter):
         if not pair_dir.is_dir():
             return
         remove_temps(pair_dir)
-        cut_torn_tail(pair_dir / METADATA_NAME)
+        # No cut of an unterminated last line here: it may be another tool's complete record. append_line puts
+        # the next record on a line of its own, and readers skip a torn line.
         prompt = _read_prompt(pair_dir)
         if prompt is None:
             # Killed between creating the folder and writing prompt.json (images come after it).
@@ -307,10 +339,11 @@ class ReferenceWriter(DatasetWriter):
         name = self._pair_dir_for(row)
         pair_dir = self.path / name
         seed = key[1]
-        fmt = IMAGE_FORMATS[self._suffix]
         try:
-            atomic_write_bytes(pair_dir / f"{seed}_0.{self._suffix}", encode_image(row.input_image, fmt))
-            atomic_write_bytes(pair_dir / f"{seed}_1.{self._suffix}", encode_image(row.edited_image, fmt))
+            for suffix in dict.fromkeys(("jpg", self._suffix)):  # jpg always, for the reference code
+                fmt = IMAGE_FORMATS[suffix]
+                atomic_write_bytes(pair_dir / f"{seed}_0.{suffix}", encode_image(row.input_image, fmt))
+                atomic_write_bytes(pair_dir / f"{seed}_1.{suffix}", encode_image(row.edited_image, fmt))
             if row.mask is not None:
                 atomic_write_bytes(pair_dir / f"{seed}_mask.png", encode_image(row.mask, "PNG"))
             # The commit point: once this line is whole on disk the row exists.

@@ -16,6 +16,7 @@ from typing import Any
 from .format_parquet import DIFFUSERS, PUBLIC, ParquetWriter, detect_parquet_layout, iter_parquet_rows
 from .format_reference import FORMAT as REFERENCE
 from .format_reference import SEEDS_NAME, ReferenceWriter, is_reference_dataset, iter_reference_rows
+from .paths import check_dataset_file
 from .records import EditRow, row_key
 from .writer import DatasetWriter, read_manifest
 
@@ -121,6 +122,8 @@ def _dataset_path(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no dataset at {path}")
+    if not path.is_dir():
+        check_dataset_file(path)  # a FIFO or device given as the dataset file is refused, never opened
     if path.is_file() and path.name == SEEDS_NAME:
         return path.parent
     return path

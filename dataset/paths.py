@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
+import stat
 import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
+
+log = logging.getLogger(__name__)
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _SEPARATORS = re.compile(r"[\\/]+")
@@ -136,32 +140,70 @@ def atomic_write_json(path: Path, value: Any) -> None:
 
 
 def append_line(path: Path, line: str) -> None:
-    """Append one line durably: a crash leaves the line whole, absent, or torn at the end (see read_jsonl)."""
-    is_new = not path.exists()
-    with open(path, "ab") as handle:
-        handle.write((line + "\n").encode("utf-8"))
-        handle.flush()
-        os.fsync(handle.fileno())
-    if is_new:
+    """Append one line durably, on a line of its own: a crash leaves it whole, absent, or torn at the end.
+
+    A file whose last line has no newline (written by another tool, or torn by a crash) gets one first, so
+    the existing bytes are never changed and never glued to the new record (see read_jsonl for the reading
+    side). The file is opened without following a final symlink and must be a regular file.
+    """
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | _NOFOLLOW | _NONBLOCK | _CLOEXEC | _BINARY
+    fd = os.open(path, flags, 0o666)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise DatasetFileError(f"{path.name} in {path.parent} is not a regular file; writers append only "
+                                   "to regular files: remove it, or choose another dataset name")
+        data = (line + "\n").encode("utf-8")
+        if info.st_size and os.pread(fd, 1, info.st_size - 1) != b"\n":
+            data = b"\n" + data
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if info.st_size == 0:
         fsync_dir(path.parent)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The complete JSON-object lines of `path`; a torn last line (a crash mid-append) is ignored."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_bytes().split(b"\n")[:-1]:
-        # Only lines with their newline count: the last element after split is the unterminated tail.
-        with contextlib.suppress(ValueError):
-            value = json.loads(line)
-            if isinstance(value, dict):
-                records.append(value)
+def read_jsonl(path: Path, root: Path | None = None) -> list[dict]:
+    """The JSON-object lines of `path` (confined to `root` when given); other lines are skipped and counted.
+
+    A last line without newline counts when it is a whole JSON object (a file written by another tool); a
+    torn one (a crash mid-append) is never a whole object, so it is skipped like any unparseable line.
+    """
+    records, skipped = read_jsonl_counted(path, root)
+    if skipped:
+        log.warning("%s: skipped %d line(s) that are not JSON records (torn by a crash, or not written by a "
+                    "dataset writer)", path, skipped)
     return records
 
 
+def read_jsonl_counted(path: Path, root: Path | None = None) -> tuple[list[dict], int]:
+    """(records, number of non-empty lines that are not JSON objects) of `path`; ([], 0) when it is absent."""
+    if not os.path.lexists(path):
+        return [], 0
+    records, skipped = [], 0
+    for line in read_dataset_bytes(path, root, MAX_TEXT_FILE_BYTES).split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError:
+            value = None
+        if isinstance(value, dict):
+            records.append(value)
+        else:
+            skipped += 1
+    return records, skipped
+
+
 def cut_torn_tail(path: Path) -> None:
-    """Truncate an unterminated last line so the next append starts on a line of its own."""
+    """Truncate an unterminated last line: only for the bytes this process just wrote (a failed append).
+
+    Existing files are never cut when a writer opens them (append_line adds the missing newline instead),
+    since their last line may be another tool's complete record.
+    """
     if not path.exists():
         return
     data = path.read_bytes()
@@ -170,3 +212,121 @@ def cut_torn_tail(path: Path) -> None:
             handle.truncate(data.rfind(b"\n") + 1)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading dataset files: the one door
+# ---------------------------------------------------------------------------------------------------------
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_BINARY = getattr(os, "O_BINARY", 0)
+_NONBLOCK = getattr(os, "O_NONBLOCK", 0)  # Windows has no FIFOs to block on
+# prompt.json, seeds.json, metadata.jsonl and manifests: the paper's largest seeds.json is about 20 MB. A cap
+# keeps a planted multi-gigabyte "text" file from being read into memory whole.
+MAX_TEXT_FILE_BYTES = 512 * 1024 * 1024
+
+
+class DatasetFileError(ValueError):
+    """A file of a dataset that must not be read: it leads outside the dataset or is not a regular file."""
+
+
+class DatasetPath(type(Path())):  # type: ignore[misc]
+    """A path to a file of a dataset that remembers the dataset folder it must stay inside.
+
+    Readers hand images out as these (not decoded yet); whoever opens one later through `open_dataset_file`
+    is held to the same folder, also when the file was swapped for a symlink in between. Paths derived from
+    one (parent, joinpath) are plain and carry no root.
+    """
+
+    dataset_root: Path | None = None
+
+    def __reduce__(self):
+        # The root travels along when rows are pickled (DataLoader workers, multiprocessing).
+        return dataset_path, (os.fspath(self), self.dataset_root)
+
+
+def dataset_path(path: str | os.PathLike, root: str | os.PathLike | None) -> DatasetPath:
+    confined = DatasetPath(path)
+    confined.dataset_root = None if root is None else Path(root)
+    return confined
+
+
+def open_dataset_file(path: str | os.PathLike, root: str | os.PathLike | None = None) -> BinaryIO:
+    """Open a dataset file for reading; every read of a dataset file goes through here.
+
+    First `check_dataset_file` (nothing opened yet), then a non-blocking open that does not follow a final
+    symlink, and the opened file must be a regular file again (fstat): a file swapped after the check is
+    caught too. So a FIFO never blocks the executor, a device or socket is never read, and a symlink planted in
+    a dataset reads nothing outside it. Messages name the file inside the dataset only, never where a link
+    points or whether that exists.
+    """
+    root = root if root is not None else getattr(path, "dataset_root", None)
+    real, shown = check_dataset_file(path, root)
+    try:
+        fd = os.open(real, os.O_RDONLY | _NONBLOCK | _NOFOLLOW | _CLOEXEC | _BINARY)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{shown} is missing from the dataset") from None
+    except OSError as error:
+        # ELOOP: a symlink swapped in after the check
+        raise DatasetFileError(f"{shown} cannot be opened as a regular dataset file ({error.strerror})") from None
+    try:
+        _require_regular(os.fstat(fd).st_mode, shown)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def check_dataset_file(path: str | os.PathLike, root: str | os.PathLike | None = None) -> tuple[Path, str]:
+    """(real path, name for messages) of a dataset file that may be read, without opening it.
+
+    Refused: a real location (symlinks resolved) outside `root` (default: the path's own `dataset_root`), and,
+    by lstat, anything but a regular file; opening some devices has side effects (a tape rewinds), so they are
+    never opened. A missing file passes: opening it says so.
+    """
+    root = root if root is not None else getattr(path, "dataset_root", None)
+    path = Path(path)
+    real = Path(os.path.realpath(path))
+    shown = _shown(path, root)
+    if root is not None and not real.is_relative_to(os.path.realpath(root)):
+        raise DatasetFileError(
+            f"{shown} is a symlink (or inside one) leading outside the dataset folder {root}; datasets must hold "
+            "their files, not links to other places: replace the link by the file itself"
+        )
+    with contextlib.suppress(FileNotFoundError):
+        _require_regular(os.lstat(real).st_mode, shown)
+    return real, shown
+
+
+def read_dataset_bytes(path: str | os.PathLike, root: str | os.PathLike | None = None,
+                       max_bytes: int | None = None) -> bytes:
+    """The bytes of a dataset file (see open_dataset_file), refused above `max_bytes`."""
+    with open_dataset_file(path, root) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if max_bytes is not None and size > max_bytes:
+            raise DatasetFileError(f"{_shown(Path(path), root)} is {size} bytes, more than the {max_bytes} a "
+                                   "file of this kind may have in a dataset; is it really part of the dataset?")
+        return handle.read()
+
+
+def read_dataset_json(path: str | os.PathLike, root: str | os.PathLike | None = None) -> Any:
+    return json.loads(read_dataset_bytes(path, root, MAX_TEXT_FILE_BYTES).decode("utf-8"))
+
+
+def _require_regular(mode: int, shown: str) -> None:
+    if stat.S_ISREG(mode):
+        return
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"),
+             (stat.S_ISBLK, "a device"), (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symlink"))
+    kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+    raise DatasetFileError(f"{shown} is {kind}, not a regular file; datasets hold only regular files: replace "
+                           "it by the real file, or remove it from the dataset")
+
+
+def _shown(path: Path, root: str | os.PathLike | None) -> str:
+    """How a dataset file is named in messages: relative to its dataset, as the path lies (links unresolved)."""
+    if root is not None:
+        with contextlib.suppress(ValueError):
+            return repr(Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix())
+    return repr(path.name)

@@ -16,6 +16,8 @@ from typing import TypeAlias
 
 from PIL import Image
 
+from .paths import open_dataset_file, read_dataset_bytes
+
 # A decoded image, a path to an image file, or the encoded bytes of one (PNG, JPEG, ...).
 ImageSource: TypeAlias = Image.Image | str | os.PathLike | bytes
 
@@ -95,18 +97,82 @@ def row_key(row: EditRow) -> tuple[str, int]:
     return row.group, sample_id(row)
 
 
-def open_image(source: ImageSource) -> Image.Image:
-    """Any image source as a decoded PIL image (loading a single-frame file also closes its handle)."""
-    if isinstance(source, Image.Image):
-        return source
-    if isinstance(source, bytes | bytearray | memoryview):
-        image = Image.open(io.BytesIO(bytes(source)))
-    elif isinstance(source, str | os.PathLike):
-        image = Image.open(source)
-    else:
-        raise TypeError(f"not an image: {type(source).__name__}; give a PIL image, a file path or encoded bytes")
-    image.load()
+# The most pixels a dataset image may have. PIL reads only the header on open, so the size is known before
+# any pixel is decoded: a 25 KB PNG can claim 8192x8192 (200 MB decoded, 800 MB as a float preview), and a few
+# of them killed the server. 64 MP is 8000x8000, far above any training resolution; raise it with the
+# environment variable for huge source photos.
+MAX_IMAGE_PIXELS_ENV = "IP2P_MAX_IMAGE_PIXELS"
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+# Image files are read whole only to copy them into a dataset; no real image file is near this.
+MAX_IMAGE_FILE_BYTES = 1024 * 1024 * 1024
+
+
+class ImageTooLargeError(ValueError):
+    """An image whose header claims more pixels than a dataset image may have (a decompression bomb?)."""
+
+
+def max_image_pixels() -> int:
+    try:
+        return max(1, int(os.environ.get(MAX_IMAGE_PIXELS_ENV, DEFAULT_MAX_IMAGE_PIXELS)))
+    except ValueError:
+        return DEFAULT_MAX_IMAGE_PIXELS
+
+
+def check_pixels(image: Image.Image, what: str = "an image") -> Image.Image:
+    """`image` (opened, not decoded) if its header's size is within the pixel budget; refused otherwise."""
+    width, height = image.size
+    budget = max_image_pixels()
+    if width * height > budget:
+        raise ImageTooLargeError(
+            f"{what} is {width}x{height} ({width * height / 1e6:.1f} megapixels), more than the "
+            f"{budget / 1e6:g} megapixels a dataset image may have, so it was not decoded (a decompression "
+            f"bomb?); resize the image, or raise the limit with the environment variable {MAX_IMAGE_PIXELS_ENV}"
+        )
     return image
+
+
+def open_header(data: bytes, what: str = "an image") -> Image.Image:
+    """Encoded bytes opened lazily (header only) and checked against the pixel budget."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:  # PIL's own guard, at twice its warning size
+        raise ImageTooLargeError(f"{what}: {error}") from None
+    return check_pixels(image, what)
+
+
+def open_image(source: ImageSource, what: str | None = None) -> Image.Image:
+    """Any image source as a decoded PIL image, its size checked before decoding.
+
+    Files are read through paths.open_dataset_file: a regular file, inside its dataset when the path carries
+    one (paths.DatasetPath), opened without blocking.
+    """
+    if isinstance(source, Image.Image):
+        # Readers hand out lazily opened images: check before the first access decodes them.
+        return check_pixels(source, what or "an image")
+    if isinstance(source, bytes | bytearray | memoryview):
+        image = open_header(bytes(source), what or "an image")
+        image.load()
+        return image
+    if isinstance(source, str | os.PathLike):
+        with open_dataset_file(source) as handle:
+            try:
+                image = Image.open(handle)
+            except Image.DecompressionBombError as error:
+                raise ImageTooLargeError(f"{what or _file_label(source)}: {error}") from None
+            check_pixels(image, what or _file_label(source))
+            image.load()  # while the handle is open; PIL keeps the pixels, not the file
+            return image
+    raise TypeError(f"not an image: {type(source).__name__}; give a PIL image, a file path or encoded bytes")
+
+
+def _file_label(path: str | os.PathLike) -> str:
+    root = getattr(path, "dataset_root", None)
+    if root is not None:
+        try:
+            return f"the image {Path(path).relative_to(root).as_posix()!r} of the dataset {root}"
+        except ValueError:
+            pass
+    return f"the image {Path(path).name!r}"
 
 
 # PIL format names by the file suffixes writers accept.
@@ -118,7 +184,7 @@ def encoded_format(data: bytes) -> str | None:
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.format
-    except (OSError, ValueError):
+    except (OSError, ValueError, Image.DecompressionBombError):
         return None
 
 
@@ -131,6 +197,8 @@ def encode_image(source: ImageSource, fmt: str) -> bytes:
     fmt = fmt.upper()
     raw = raw_bytes(source)
     if raw is not None and encoded_format(raw) == fmt:
+        # Passed through undecoded, still checked: a copied dataset must not carry a bomb on to its readers.
+        open_header(raw, _file_label(source) if isinstance(source, str | os.PathLike) else "an image")
         return raw
     image = open_image(source)
     if fmt == "JPEG" and image.mode not in ("RGB", "L", "CMYK"):
@@ -148,5 +216,5 @@ def raw_bytes(source: ImageSource) -> bytes | None:
     if isinstance(source, bytes | bytearray | memoryview):
         return bytes(source)
     if isinstance(source, str | os.PathLike):
-        return Path(source).read_bytes()
+        return read_dataset_bytes(source, max_bytes=MAX_IMAGE_FILE_BYTES)
     return None

@@ -8,14 +8,13 @@ cleans up what a killed writer left half done, so `add` skips rows that are alre
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
-from .paths import atomic_write_json, remove_temps, resolve_inside
+from .paths import atomic_write_json, read_dataset_json, remove_temps, resolve_inside
 from .records import EditRow, row_key
 
 try:
@@ -27,7 +26,13 @@ try:
 except ImportError:  # POSIX
     msvcrt = None
 
-MANIFEST_NAME = "ip2p_dataset.json"
+# The manifest is a hidden file: `datasets.load_dataset(folder)` skips files and folders whose names start with
+# a dot (datasets.data_files: _is_unrequested_hidden_file_or_is_inside_unrequested_hidden_dir), so it never
+# turns the pack's bookkeeping into a row of data. Versions before that wrote it visible, under the old name:
+# read both, and a writer moves an old one to the new name.
+MANIFEST_NAME = ".ip2p_dataset.json"
+OLD_MANIFEST_NAME = "ip2p_dataset.json"
+MANIFEST_NAMES = (MANIFEST_NAME, OLD_MANIFEST_NAME)
 LOCK_NAME = ".ip2p_writer.lock"
 WRITER_ID = "comfyui_ip2p"
 
@@ -39,12 +44,21 @@ class WriterBusyError(RuntimeError):
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
-    path = folder / MANIFEST_NAME
-    if not path.is_file():
-        return None
+    """The pack's manifest of `folder` (new name first, then the old one), or None when it has none."""
+    for name in MANIFEST_NAMES:
+        value = _manifest_at(folder, name)
+        if value is not None:
+            return value
+    return None
+
+
+def _manifest_at(folder: Path, name: str) -> dict[str, Any] | None:
+    path = folder / name
+    if not path.is_file() or path.is_symlink():
+        return None  # a planted link or FIFO under this name is not our manifest
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError:
+        value = read_dataset_json(path, folder)
+    except (ValueError, OSError):
         return None
     return value if isinstance(value, dict) and value.get("writer") == WRITER_ID else None
 
@@ -155,6 +169,9 @@ class DatasetWriter:
         manifest["rows"] = self._committed
         manifest.update(self._manifest_extra())
         atomic_write_json(self.path / MANIFEST_NAME, manifest)
+        if _manifest_at(self.path, OLD_MANIFEST_NAME) is not None:
+            # Ours (checked): the visible old manifest would load as a row in `datasets`.
+            (self.path / OLD_MANIFEST_NAME).unlink(missing_ok=True)
 
     def _recover(self) -> None:
         raise NotImplementedError

@@ -219,7 +219,9 @@ class SaveEditDataset(io.ComfyNode):
                                        "(parquet: original_prompt, original_image, edit_prompt, edited_prompt, "
                                        "edited_image) or reference (the paper's layout)."),
                 io.Combo.Input("image_format", options=["png", "jpg"], default="png",
-                               tooltip="png is lossless; jpg (quality 100) is what the reference wrote."),
+                               tooltip="png is lossless; jpg (quality 100) is what the reference wrote. The "
+                                       "reference layout always gets the .jpg files its code reads; png adds "
+                                       "lossless copies beside them."),
             ],
             outputs=[
                 io.String.Output(display_name="path", tooltip="The dataset folder, relative to the output folder."),
@@ -235,6 +237,8 @@ class SaveEditDataset(io.ComfyNode):
         path, written, total = work.save_rows(rows, dataset_name, format, image_format)
         handle = {"path": str(work.output_root() / path), "format": format}
         text = f"{written} new rows, {total} in total, in output/{path} ({format})"
+        if total == 0:
+            text += work.EMPTY_DATASET_NOTE
         return io.NodeOutput(path, written, handle, ui=ui.PreviewText(text))
 
 
@@ -289,8 +293,8 @@ class LoadEditDataset(io.ComfyNode):
         fmt, rows = work.load_dataset_rows(path, format, max_rows)
         preview = rows[:preview_count]
         return io.NodeOutput({"path": str(path), "format": fmt}, rows,
-                             work.preview_batch([r.input_image for r in preview], preview_count),
-                             work.preview_batch([r.edited_image for r in preview], preview_count))
+                             work.load_preview([r.input_image for r in preview], preview_count),
+                             work.load_preview([r.edited_image for r in preview], preview_count))
 
 
 NODES = [GenerateEditInstructions, CLIPDirectionFilter, CLIPEditMetrics, SaveEditDataset, LoadEditDataset]

@@ -55,7 +55,7 @@ from ..dataset.key_hosts import check_key_destination
 from ..dataset.llm_client import RATE_LIMITED, UNAVAILABLE, resolve_api_key
 from ..dataset.paths import resolve_inside
 from ..dataset.records import EditRow, open_image
-from ..dataset.writer import MANIFEST_NAME, WriterBusyError, write_failure
+from ..dataset.writer import MANIFEST_NAMES, WriterBusyError, write_failure
 
 NO_FILE = "none"
 CACHE_DIR = "ip2p_cache"
@@ -571,10 +571,17 @@ def save_rows(rows: Sequence[EditRow], name: str, fmt: str, image_format: str) -
     return writer.path.relative_to(root).as_posix(), written, len(writer)
 
 
+# Said when a save ends with no rows: `datasets` (5.x) cannot load an empty split, so diffusers' training
+# script fails on such a folder with "doesn't contain any data files"; this is the pack's word on why.
+EMPTY_DATASET_NOTE = (". The dataset has no rows yet: datasets.load_dataset and diffusers' train_instruct_pix2pix.py "
+                      "refuse an empty dataset. Save rows into it first (fewer pairs dropped by CLIPDirectionFilter "
+                      "with lower thresholds?)")
+
+
 def _looks_like_dataset(path: Path) -> bool:
     if path.is_file():
         return path.suffix == ".parquet"
-    if (path / MANIFEST_NAME).is_file() or (path / SEEDS_NAME).is_file():
+    if any((path / name).is_file() for name in (*MANIFEST_NAMES, SEEDS_NAME)):
         return True
     # A bounded look: this runs for every entry of the output folder whenever the node list is built.
     return any(p.suffix == ".parquet" for folder in (path, path / "data") if folder.is_dir()
@@ -622,7 +629,7 @@ def resolve_dataset(choice: str, override: str) -> Path:
 
 def dataset_stamp(path: Path) -> tuple:
     """Changes whenever a writer adds rows (shards, pair folders, manifest), so ComfyUI reloads then."""
-    candidates = [path, path / MANIFEST_NAME, path / SEEDS_NAME, path / "data"]
+    candidates = [path, *(path / name for name in MANIFEST_NAMES), path / SEEDS_NAME, path / "data"]
     return tuple(_stamp(p) for p in candidates)
 
 
@@ -630,6 +637,38 @@ def load_dataset_rows(path: Path, fmt: str, max_rows: int) -> tuple[str, list[Ed
     fmt = detect_format(path) if fmt == "auto" else fmt
     rows = list(islice(iter_rows(path, fmt), max_rows or None))
     return fmt, rows
+
+
+# LoadEditDataset's previews: at most this many pixels per output batch (16 MP = 192 MB as float32), and per
+# image; a dataset of huge photos gets smaller previews instead of an out-of-memory kill.
+PREVIEW_BATCH_PIXELS = 16_000_000
+PREVIEW_IMAGE_PIXELS = 4_000_000
+
+
+def load_preview(sources: Sequence, count: int) -> torch.Tensor:
+    """The first `count` images as one IMAGE batch, each shrunk to the preview budget right after decoding.
+
+    Every image's size is checked before it is decoded (records.open_image refuses one over the dataset pixel
+    budget), and images are decoded one at a time, so memory stays near one image plus the bounded batch.
+    """
+    chosen = [s for s in list(sources)[:count] if s is not None]
+    if not chosen:
+        return torch.zeros(0, 64, 64, 3)
+    budget = min(PREVIEW_IMAGE_PIXELS, PREVIEW_BATCH_PIXELS // len(chosen))
+    images = []
+    for source in chosen:
+        mm.throw_exception_if_processing_interrupted()
+        images.append(_preview_image(source, budget))
+    return preview_batch(images, len(images))
+
+
+def _preview_image(source, budget: int) -> Image.Image:
+    image = open_image(source)
+    width, height = image.size
+    scale = math.sqrt(budget / (width * height))
+    if scale < 1.0:
+        image = image.resize((max(1, int(width * scale)), max(1, int(height * scale))), Image.Resampling.LANCZOS)
+    return image.convert("RGB")
 
 
 def preview_batch(sources: Sequence, limit: int) -> torch.Tensor:

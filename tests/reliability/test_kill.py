@@ -169,7 +169,7 @@ def test_killed_dataset_build_reruns_to_every_pair_exactly_once_without_paying_t
     texts = [t for out in entry["outputs"].values() for t in out.get("text", []) if "in total" in t]
     assert texts == [f"{expected - sum(on_disk.values())} new rows, {expected} in total, in output/{name} "
                      "(reference)"]
-    assert json.loads((folder / "ip2p_dataset.json").read_text())["clean"] is True
+    assert json.loads((folder / ".ip2p_dataset.json").read_text())["clean"] is True
     assert leftovers(base / "output") == []
 
 
@@ -189,7 +189,7 @@ def test_killed_parquet_save_reruns_to_a_dataset_that_hugging_face_loads(tmp_pat
         try:
             server.queue(prompt)
             # The writer's manifest appears when SaveEditDataset opens the dataset, before its rows are added.
-            wait_for((folder / "ip2p_dataset.json").is_file, server)
+            wait_for((folder / ".ip2p_dataset.json").is_file, server)
             kill(server)
         finally:
             server.stop()

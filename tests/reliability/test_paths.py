@@ -200,7 +200,7 @@ def test_odd_but_harmless_names_land_inside_the_output_folder(comfy_nodes, comfy
     result = run_prompt(save_graph(source_dataset, name)).raise_for_error()
     assert result.outputs["2"]["text"] == [f"2 new rows, 2 in total, in output/{stored} (diffusers)"]
     folder = comfy_base / "output" / stored
-    assert (folder / "ip2p_dataset.json").is_file()
+    assert (folder / ".ip2p_dataset.json").is_file()
     assert folder.resolve().is_relative_to((comfy_base / "output").resolve())
 
 
