@@ -34,7 +34,8 @@ class TrainIP2P(io.ComfyNode):
                 EditDataset.Input("dataset", tooltip="An edit dataset from Load Edit Dataset (any format it reads)."),
                 io.String.Input("checkpoint_name", default="ip2p_finetune",
                                 tooltip="File name of the result (no folder). The same name with resume on "
-                                        "continues an earlier run of it."),
+                                        "continues an earlier run of it. A file of that name that this node did "
+                                        "not write for that run is never replaced: the run is refused."),
                 io.Combo.Input("mode", options=["full", "lora"], default="full",
                                tooltip="full: every UNet weight trains. lora: small adapters on the attention "
                                        "projections plus the first convolution; a few MB, loads with LoraLoader."),
@@ -70,8 +71,9 @@ class TrainIP2P(io.ComfyNode):
                              tooltip="Edit the first dataset rows every N steps and add them to the validation "
                                      "grid (0 = once, at the end)."),
                 io.Boolean.Input("resume", default=True,
-                                 tooltip="Continue the saved run of this checkpoint_name if there is one; off "
-                                         "starts over and overwrites it."),
+                                 tooltip="Continue the saved run of this checkpoint_name if there is one (only with "
+                                         "the model and dataset it was trained from); off starts over and "
+                                         "overwrites it."),
                 io.Int.Input("validation_count", default=4, min=0, max=64, optional=True,
                              tooltip="How many dataset rows the validation grid edits."),
                 io.Int.Input("validation_steps", default=20, min=1, max=200, optional=True,

@@ -125,3 +125,71 @@ def run_out_of_memory_safe(work: Callable[[], T], what: str, advice: str = EDIT_
     mm.unload_all_models()
     mm.soft_empty_cache()
     raise EditTooLargeError(f"{what} ran out of memory while sampling ({failed}). To fix: {advice}")
+
+
+# --- training ---------------------------------------------------------------------------------------------
+
+TRAIN_ADVICE = ("lower batch_size (raise grad_accumulation to keep the effective batch), lower resolution, turn on "
+                "gradient_checkpointing, use mode lora, or free memory by closing other programs")
+# Bytes per trainable weight besides the weight itself: its gradient (4), AdamW's two moments (8), and the
+# float32 copy the resumable state takes when it is written (4). The EMA adds 4 more.
+TRAINABLE_BYTES = 16
+EMA_BYTES = 4
+# What autograd saves is not all a step holds: the backward pass's gradient buffers and the allocator's slack come
+# on top. Measured for the tiny test UNet at 256 px on CPU (one step, batch 6 -> 12: peak 2.76 -> 4.22 GiB):
+# 249 MiB of process memory per sample, where the probe (pipeline.train_glue) counts 238 MiB; issue 12 saw
+# ~0.27 GB. The factor keeps a small margin over that.
+ACTIVATION_OVERHEAD = 1.1
+# Gradient checkpointing keeps each block's input and recomputes one block at a time in the backward pass; the
+# largest blocks (level-0 transformers) hold roughly a third of a step's activations. An estimate, not measured.
+CHECKPOINTED_SHARE = 0.4
+# Mixed precision (bf16/fp16 autocast) keeps most activations in 16 bits. An estimate, not measured.
+AUTOCAST_SHARE = 0.6
+
+
+class TrainingTooLargeError(ValueError):
+    """A training run needs more memory than the device has free, by the pre-flight estimate."""
+
+
+def saved_activation_bytes(forward: Callable[[int], object]) -> int:
+    """Bytes autograd keeps for the backward pass per sample of `forward(batch_size)`.
+
+    Counted with saved-tensor hooks (each tensor once, weights excluded) as the difference between batch 2 and
+    batch 1, so whatever a step holds regardless of the batch cancels out. Run it on the meta device: no memory,
+    no arithmetic, the exact shapes of the real model.
+    """
+
+    def saved(batch: int) -> int:
+        total, seen, keep = 0, set(), []
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            nonlocal total
+            owner = tensor._base if tensor._base is not None else tensor
+            if isinstance(owner, torch.nn.Parameter) or id(owner) in seen:
+                return tensor
+            seen.add(id(owner))
+            keep.append(owner)  # ids stay unique while the tensor is alive
+            total += owner.numel() * owner.element_size()
+            return tensor
+
+        with torch.inference_mode(False), torch.enable_grad(), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            forward(batch)
+        return total
+
+    return max(0, saved(2) - saved(1))
+
+
+def check_training(device: torch.device, fixed: int, per_sample: int, batch_size: int, resolution: int,
+                   encode: int = 0) -> None:
+    """Raises TrainingTooLargeError when weights, optimizer and one micro-batch's activations (or the VAE's encode
+    of a batch, whichever is larger: they never run at once) exceed the memory available on `device`."""
+    activations = per_sample * batch_size
+    needed = fixed + max(activations, encode)
+    available = available_memory(device)
+    if needed > available:
+        raise TrainingTooLargeError(
+            f"training is too large for this {device.type.upper()}: it needs about {gib(needed)} (weights and "
+            f"optimizer {gib(fixed)}, activations {gib(activations)} for batch_size {batch_size} at "
+            f"{resolution}x{resolution}), but only {gib(available)} is available. To fix: {TRAIN_ADVICE}"
+        )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,18 +33,29 @@ import torch
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from comfy.weight_adapter.lora import LoRAAdapter
 
+from ..dataset.formats import FORMATS
 from ..dataset.paths import resolve_inside
 from ..dataset.records import EditRow
 from ..training.config import TrainConfig
 from ..training.data import Encoders, crop_flip, load_pair, make_batches, place, read_rows
 from ..training.distributed import World
 from ..training.files import atomic_write, save_bytes, save_safetensors, save_torch
+from ..training.identity import RunIdentity, check_resumable, claim_run, dataset_fingerprint, weights_fingerprint
 from ..training.objective import NoiseSchedule
 from ..training.plots import image_tensor, loss_curve, validation_grid
-from ..training.trainer import Hooks, TrainableModel, Trainer
+from ..training.trainer import Hooks, TrainableModel, Trainer, autocast_dtype
 from .edit import SamplingSettings, decode, encode_text, sample
 from .guider import make_guider
 from .loading import convert_to_ip2p, is_ip2p
+from .memory import (
+    ACTIVATION_OVERHEAD,
+    AUTOCAST_SHARE,
+    CHECKPOINTED_SHARE,
+    EMA_BYTES,
+    TRAINABLE_BYTES,
+    check_training,
+    saved_activation_bytes,
+)
 
 log = logging.getLogger("comfyui_ip2p.training")
 
@@ -54,14 +66,19 @@ UNET_PREFIX = "diffusion_model."
 
 # --- the model ---------------------------------------------------------------------------------------------
 
-def trainable_ip2p(model):
-    """An 8-channel MODEL to train: IP2P as given, text-to-image through the paper's init (ConvertToIP2P)."""
+def check_trainable(model) -> None:
+    """Refuses what the trainer cannot train, before anything is copied or estimated."""
     if model is None:
         raise ValueError("no MODEL: connect the MODEL output of LoadIP2PModel, a checkpoint loader or ConvertToIP2P")
     base = model.model
     if not isinstance(base.diffusion_model, UNetModel) or base.adm_channels:
         raise ValueError("training supports SD1.x/SD2.x-style models (no SDXL, no extra conditioning) for now; "
                          "pick an SD1.5 InstructPix2Pix or text-to-image checkpoint")
+
+
+def trainable_ip2p(model):
+    """An 8-channel MODEL to train: IP2P as given, text-to-image through the paper's init (ConvertToIP2P)."""
+    check_trainable(model)
     if not is_ip2p(model):
         log.info("text-to-image model: starting from the paper's init (conv_in widened, new channels zero)")
         model = convert_to_ip2p(model)
@@ -88,14 +105,19 @@ def patched_unet_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in state.items()}
 
 
-def training_base(model, device: torch.device):
-    """A float32 BaseModel of the same kind as the MODEL's, holding its patched weights."""
-    base = model.model
+def float32_config(base):
+    """A copy of a BaseModel's model config that builds float32 weights (the original config is untouched)."""
     config = type(base.model_config).__new__(type(base.model_config))
     config.__dict__.update(base.model_config.__dict__)
     config.unet_config = dict(base.model_config.unet_config)
     config.set_inference_dtype(torch.float32, None)
-    copy = type(base)(config, model_type=base.model_type, device=device)
+    return config
+
+
+def training_base(model, device: torch.device):
+    """A float32 BaseModel of the same kind as the MODEL's, holding its patched weights."""
+    base = model.model
+    copy = type(base)(float32_config(base), model_type=base.model_type, device=device)
     copy.diffusion_model.load_state_dict(patched_unet_state(model))
     return copy.to(device)
 
@@ -169,6 +191,80 @@ def make_lora(unet: UNetModel, rank: int, alpha: float) -> Adapters:
     return adapters
 
 
+# --- memory pre-flight ------------------------------------------------------------------------------------
+
+# The activation probe runs the model at this size on the meta device and scales by area. Small on purpose: the
+# meta device's attention is PyTorch's math kernel, which saves the attention matrix (quadratic in the area),
+# while training runs the fused kernels (linear) on CPU and GPU. At 64 px the probe counted 14.9 MiB per sample
+# for the tiny test UNet (13.8 measured for real) and 37.1 MiB for the SD1.5-sized one (35.4 real).
+PROBE_RESOLUTION = 64
+# Used only when the probe cannot run (a model whose code the meta device cannot trace): the SD1.5-sized UNet's
+# probe figure at 256 px, rounded up.
+FALLBACK_PER_SAMPLE_256 = 640 * 1024**2
+# LatentBatches encodes its cache in calls of this many images (training.data: images_per_call).
+CACHE_IMAGES_PER_CALL = 16
+
+
+def meta_unet(model) -> UNetModel:
+    """The MODEL's UNet as training builds it (float32, 8 input channels), on the meta device: shapes only."""
+    base = model.model
+    config = float32_config(base)
+    config.unet_config["in_channels"] = 2 * int(base.latent_format.latent_channels)  # text-to-image gets widened
+    return type(base)(config, model_type=base.model_type, device=torch.device("meta")).diffusion_model
+
+
+def activation_bytes(unet: UNetModel, channels: int, context_dim: int, resolution: int) -> int:
+    """Bytes one training sample's forward pass keeps for the backward pass, at `resolution`."""
+    side = PROBE_RESOLUTION // 8
+    trainee = ComfyUNet(unet)
+
+    def forward(batch: int) -> None:
+        x = torch.zeros(batch, 2 * channels, side, side, device="meta")
+        context = torch.zeros(batch, 77, context_dim, device="meta")
+        trainee(x, torch.zeros(batch, device="meta"), context)
+
+    try:
+        probed = saved_activation_bytes(forward)
+    except Exception as error:  # an estimate must never be what stops a run that would have worked
+        log.warning("TrainIP2P: could not measure the model's activations (%s); assuming SD1.5's", error)
+        return int(FALLBACK_PER_SAMPLE_256 * (resolution / 256) ** 2)
+    return int(probed * (resolution / PROBE_RESOLUTION) ** 2)
+
+
+def trainable_count(unet: UNetModel, config: TrainConfig) -> int:
+    """How many weights the optimizer updates: all of the UNet's, or what make_lora adds."""
+    if config.mode != "lora":
+        return sum(p.numel() for p in unet.parameters())
+    count = dict(unet.named_modules())[CONV_IN].weight.numel()
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(ATTENTION_PROJECTIONS) and ".attn" in name:
+            count += config.lora_rank * (module.in_features + module.out_features)
+    return count
+
+
+def check_memory(model, vae, config: TrainConfig, device: torch.device) -> None:
+    """Refuses a run that cannot fit before anything is copied, encoded or trained.
+
+    Held at once while training: the float32 training copy of every UNet weight, per trainable weight its
+    gradient, AdamW state, EMA and the copy the resumable state takes, and one micro-batch's activations. On a
+    CPU, running out is not an error ComfyUI can catch: the process is killed, the server and its queue with it.
+    """
+    unet = meta_unet(model)
+    channels = int(model.model.latent_format.latent_channels)
+    context_dim = int(model.model.model_config.unet_config.get("context_dim") or 768)
+    weights = sum(p.numel() for p in unet.parameters()) * 4
+    per_weight = TRAINABLE_BYTES + (EMA_BYTES if config.uses_ema else 0)
+    fixed = weights + trainable_count(unet, config) * per_weight
+    share = CHECKPOINTED_SHARE if config.gradient_checkpointing else 1.0
+    if autocast_dtype(config.precision, device) is not None:
+        share *= AUTOCAST_SHARE
+    per_sample = int(activation_bytes(unet, channels, context_dim, config.resolution) * ACTIVATION_OVERHEAD * share)
+    images = CACHE_IMAGES_PER_CALL if config.cache_latents else 2 * config.batch_size
+    encode = 0 if vae is None else int(vae.memory_used_encode([images, 3, config.resolution, config.resolution],
+                                                              vae.vae_dtype))
+    check_training(device, fixed, per_sample, config.batch_size, config.resolution, encode)
+
+
 # --- text and images ---------------------------------------------------------------------------------------
 
 def encode_texts(clip, texts: list[str]) -> torch.Tensor:
@@ -216,6 +312,10 @@ class RunFiles:
     @property
     def validation_png(self) -> Path:
         return self.run_dir / "validation.png"
+
+    @property
+    def identity(self) -> Path:
+        return self.run_dir / "run.json"
 
 
 def png_bytes(image) -> bytes:
@@ -378,20 +478,22 @@ class TrainOutcome:
 Progress = Callable[[Trainer, float], None]
 
 
-def metadata_for(trainer: Trainer, dataset: dict) -> dict[str, str]:
+def metadata_for(trainer: Trainer, dataset: dict, identity: RunIdentity) -> dict[str, str]:
     info = {"config": trainer.config.to_dict(), "step": trainer.step, "dataset": dataset,
             "weights": "ema" if trainer.config.save_ema and trainer.ema is not None else "raw"}
-    return {"comfyui_ip2p.training": json.dumps(info)}
+    return {"comfyui_ip2p.training": json.dumps(info), **identity.metadata()}
 
 
-def write_outputs(session: Session, trainer: Trainer, files: RunFiles, dataset: dict,
+def write_outputs(session: Session, trainer: Trainer, files: RunFiles, dataset: dict, identity: RunIdentity,
                   validator: Validator | None) -> None:
     """Model file, resumable state, loss curve and validation grid (rank 0 only)."""
     if not trainer.world.is_main:
         return
     weights = trainer.weights(ema=session.config.save_ema)
-    session.save_model(files.model, weights, metadata_for(trainer, dataset))
-    save_torch(trainer.state_dict(), files.state)
+    # run.json before the model file: a model file carrying this run id is then always recognised as ours.
+    save_bytes(identity.record(), files.identity)
+    session.save_model(files.model, weights, metadata_for(trainer, dataset, identity))
+    save_torch({**trainer.state_dict(), "fingerprint": identity.fingerprint}, files.state)
     save_bytes(png_bytes(loss_curve(trainer.losses)), files.loss_png)
     save_bytes(json.dumps(trainer.losses).encode("utf-8"), files.run_dir / "loss.json")
     grid = validator.grid() if validator is not None else None
@@ -414,12 +516,24 @@ def run_training(model, clip, vae, dataset: dict, config: TrainConfig, files: Ru
     """Trains (or resumes) a run and returns the trained MODEL with its pictures and file paths.
 
     Interrupted (ComfyUI's cancel, or `should_stop`), it writes the model file and the resumable state of
-    the last completed step before re-raising / returning unfinished.
+    the last completed step before re-raising / returning unfinished. Refused before any work: a model file of
+    that name that this run did not write, and a run that cannot fit in memory; refused before training: a saved
+    state (with `resume`) trained from another model or dataset.
     """
     world = world or World()
+    identity = claim_run(files.model, files.identity)
+    check_trainable(model)
     with torch.inference_mode(False), torch.enable_grad():
+        # Inside: the probe's (meta) weights must not be inference tensors, which autograd refuses to save.
+        check_memory(model, vae, config, comfy.model_management.get_torch_device())
         session = Session(model, clip, vae, config)
         rows = read_rows(dataset["path"], dataset.get("format"))
+        # Of the model as connected (patches merged), before a resumed state replaces any weight.
+        identity.fingerprint = {"model": weights_fingerprint(session.base.diffusion_model.state_dict()),
+                                "dataset": dataset_fingerprint(dataset["path"], rows)}
+        state = load_state(files.state) if resume else None
+        if state is not None:
+            check_resumable(state, identity, files.state)
         started = time.perf_counter()
         batches = make_batches(rows, encoders(clip, vae), session.config.resolution, session.config.cache_latents,
                                session.config.random_crop, session.config.random_flip, progress=on_cache)
@@ -430,7 +544,6 @@ def run_training(model, clip, vae, dataset: dict, config: TrainConfig, files: Ru
             comfy.model_management.soft_empty_cache()
         trainer = Trainer(session.config, session.trainable, batches, session.device, world,
                           latent_channels=session.latent_channels)
-        state = load_state(files.state) if resume else None
         if state is not None:
             trainer.load_state_dict(state)
             log.info("resumed %s at step %d", files.state, trainer.step)
@@ -440,7 +553,7 @@ def run_training(model, clip, vae, dataset: dict, config: TrainConfig, files: Ru
         saved_at = [-1]
 
         def checkpoint(current: Trainer) -> None:
-            write_outputs(session, current, files, dataset, validator)
+            write_outputs(session, current, files, dataset, identity, validator)
             saved_at[0] = current.step
             if on_saved is not None and world.is_main:
                 on_saved(current)
@@ -451,7 +564,7 @@ def run_training(model, clip, vae, dataset: dict, config: TrainConfig, files: Ru
         try:
             finished = trainer.train(hooks)
         except comfy.model_management.InterruptProcessingException:
-            write_outputs(session, trainer, files, dataset, validator)
+            write_outputs(session, trainer, files, dataset, identity, validator)
             raise
         if validator is not None and (not validator.history or validator.history[-1][0] != trainer.step):
             validator(trainer)
@@ -464,7 +577,8 @@ def run_training(model, clip, vae, dataset: dict, config: TrainConfig, files: Ru
     stats = {"cache_seconds": cache_seconds, "train_seconds": trainer.seconds,
              "samples_per_second": trainer.samples_per_step * len(trainer.losses) / max(trainer.seconds, 1e-9),
              "cached": session.config.cache_latents,
-             "weights_checksum": float(sum(w.double().sum() for w in trainer.weights(ema=False).values()))}
+             # Equal on every rank of a data-parallel run (the ranks never drift apart); costs O(tensors).
+             "weights_fingerprint": weights_fingerprint(trainer.weights(ema=False))}
     return TrainOutcome(model=trained, loss_image=image_tensor(loss_curve(trainer.losses)),
                         validation_image=image_tensor(grid) if grid is not None else torch.zeros(1, 64, 64, 3),
                         model_path=files.model, step=trainer.step, finished=finished, stats=stats)
@@ -493,6 +607,59 @@ def node_files(name: str, mode: str) -> RunFiles:
     model = resolve_inside(root, f"{stem}.safetensors", "checkpoint_name", example)
     run_dir = resolve_inside(folder_paths.get_output_directory(), f"ip2p_train/{stem}", "checkpoint_name", example)
     return RunFiles(model=model, run_dir=run_dir)
+
+
+DATASET_ROOTS = ("output", "input")
+DATASET_FORMATS = ("auto", *FORMATS)
+NOT_A_HANDLE = ("dataset must be a dataset handle from Load Edit Dataset (or Save Edit Dataset's dataset output); "
+                "connect one of them")
+# One text for every path outside, never the path or anything found there: a workflow must not learn from the
+# message whether some file exists on this machine.
+OUTSIDE = ("the dataset handle points outside ComfyUI's input and output folders; connect Load Edit Dataset (or "
+           "Save Edit Dataset's dataset output), which hands out only datasets inside them")
+
+
+def confined_dataset(handle: object) -> dict:
+    """The dataset handle re-resolved inside ComfyUI's output or input folder, with a known format.
+
+    A handle normally comes from Load/Save Edit Dataset, but a workflow file can write any literal in its place
+    ({"path": "/home/me/photos", ...}): trained on, its images would come out in output/ as validation pictures.
+    So its path gets the same checks as a typed dataset name (resolve_inside: no '..', no symlinks out).
+    """
+    if not isinstance(handle, dict) or not isinstance(handle.get("path"), str) or not handle["path"].strip():
+        raise ValueError(NOT_A_HANDLE)
+    fmt = handle.get("format") or "auto"
+    if not isinstance(fmt, str) or fmt not in DATASET_FORMATS:
+        raise ValueError(f"the dataset handle's format {str(fmt)[:40]!r} is not one of {', '.join(DATASET_FORMATS)}; "
+                         "connect Load Edit Dataset, which sets it")
+    return {"path": str(_inside_dataset_roots(handle["path"])), "format": fmt}
+
+
+def _inside_dataset_roots(path: str) -> Path:
+    import folder_paths
+
+    example = "a dataset inside ComfyUI's output or input folder, as Load Edit Dataset lists it"
+    roots = [(name, folder_paths.get_directory_by_type(name)) for name in DATASET_ROOTS]
+    if os.path.isabs(path):
+        # Purely textual until the path is known to be inside a root: nothing outside is ever looked at.
+        absolute = Path(os.path.abspath(path))
+        for name, root in roots:
+            for form in {Path(os.path.abspath(root)), Path(os.path.realpath(root))}:
+                if absolute.is_relative_to(form):  # the root itself: resolve_inside says so
+                    return _existing(resolve_inside(root, absolute.relative_to(form).as_posix(), "dataset", example),
+                                     name)
+        raise ValueError(OUTSIDE)
+    for _name, root in roots:  # a relative path names a dataset as Load Edit Dataset does: output first
+        found = resolve_inside(root, path, "dataset", example)
+        if found.exists():
+            return found
+    raise FileNotFoundError(f"no dataset {path!r} in ComfyUI's output or input folder")
+
+
+def _existing(path: Path, root_name: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"no dataset at {path.name!r} in ComfyUI's {root_name} folder")
+    return path
 
 
 def progress_text(text: str, node_id: str | None) -> None:
@@ -527,11 +694,8 @@ def node_progress(total: int, node_id: str | None, every_s: float = 2.0) -> Prog
 
 def train_from_node(model, clip, vae, dataset: dict, config: TrainConfig, name: str, resume: bool,
                     node_id: str | None = None) -> TrainOutcome:
-    if not isinstance(dataset, dict) or "path" not in dataset:
-        raise ValueError("dataset must come from LoadEditDataset (or SaveEditDataset's dataset output)")
+    dataset = confined_dataset(dataset)
     files = node_files(name, config.mode)
-    if files.model.exists() and not (resume and files.state.exists()):
-        log.warning("overwriting %s (no resumable state for it)", files.model)
     outcome = run_training(model, clip, vae, dataset, config, files, resume=resume,
                            on_step=node_progress(config.steps, node_id))
     stats = outcome.stats

@@ -78,7 +78,7 @@ def test_two_gloo_processes_step_in_lockstep_and_equal_one_process(inputs, singl
     assert [e["step"] for e in steps[0]] == [e["step"] for e in steps[1]] == list(range(1, STEPS + 1))
     assert [e["loss"] for e in steps[0]] == [e["loss"] for e in steps[1]]
     done = {e["rank"]: e for e in run if e["event"] == "done"}
-    assert done[0]["weights_checksum"] == done[1]["weights_checksum"], "ranks drifted apart"
+    assert done[0]["weights_fingerprint"] == done[1]["weights_fingerprint"], "ranks drifted apart"
 
     reference_run, reference = single
     state = final_state(inputs, "ddp")
