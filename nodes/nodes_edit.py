@@ -1,4 +1,4 @@
-"""Edit nodes: the one-node InstructEdit, the DualCFGSampler for custom graphs, and the guidance grid."""
+"""Edit nodes: the one-node InstructEdit, DualCFGSampler and IP2PGuider for custom graphs, the guidance grid."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import torch
 from comfy_api.v0_0_2 import io
 
 from ..pipeline.edit import (
+    EditRequest,
     SamplingSettings,
     decode,
+    edit_images,
     edit_latents,
     encode_image,
     encode_text,
@@ -90,6 +92,14 @@ class InstructEdit(io.ComfyNode):
                                         "unconditional branches (the paper uses the empty prompt)."),
                 io.Int.Input("variations", default=1, min=1, max=64, optional=True,
                              tooltip="Edits per input image, from different noise of the same seed."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Optional: edit only where the mask is white (1). Everything outside it "
+                                      "keeps the input's own pixels exactly. One mask for all images or one "
+                                      "per image; another size is resized to the image. An all-black mask "
+                                      "returns the input without sampling."),
+                io.Int.Input("mask_feather", default=0, min=0, max=256, optional=True,
+                             tooltip="Softens the mask's edge over this many pixels, inside the mask, so the "
+                                     "edit blends in while pixels outside the mask stay untouched."),
             ],
             outputs=[
                 io.Image.Output(display_name="IMAGE", tooltip="The edited images."),
@@ -100,15 +110,32 @@ class InstructEdit(io.ComfyNode):
     @classmethod
     @named_errors("InstructEdit")
     def execute(cls, model, clip, vae, image, instruction, resolution, keep_input_size, negative="",
-                variations=1, **kwargs) -> io.NodeOutput:
+                variations=1, mask=None, mask_feather=0, **kwargs) -> io.NodeOutput:
         check_is_ip2p(model)
-        settings = settings_from(kwargs)
-        pixels = prepare_pixels(image, resolution)
-        image_latent = encode_image(vae, pixels, model)
-        positive, uncond = encode_text(clip, instruction), encode_text(clip, negative)
-        samples = edit_latents(model, positive, uncond, image_latent, settings, variations=variations)
-        size = (image.shape[2], image.shape[1]) if keep_input_size else None
-        return io.NodeOutput(decode(vae, samples, size), {"samples": samples})
+        request = EditRequest(instruction=instruction, negative=negative, resolution=resolution,
+                              keep_input_size=keep_input_size, variations=variations, mask=mask,
+                              feather=mask_feather)
+        edited, samples = edit_images(model, clip, vae, image, request, settings_from(kwargs))
+        return io.NodeOutput(edited, {"samples": samples})
+
+
+def image_inputs() -> list:
+    return [
+        io.Latent.Input("image_latent", optional=True,
+                        tooltip="The input image already encoded (raw VAE latent, e.g. from VAE Encode)."),
+        io.Image.Input("image", optional=True, tooltip="The input image (needs `vae`)."),
+        io.Vae.Input("vae", optional=True, tooltip="Encodes `image`."),
+    ]
+
+
+def conditioning_inputs() -> list:
+    return [
+        io.Conditioning.Input("positive", tooltip="The instruction's conditioning (CLIP Text Encode). Core's "
+                                                  "DualCFGGuider calls this branch cond1."),
+        io.Conditioning.Input("negative", tooltip="The empty prompt's conditioning (or a negative prompt): used by "
+                                                  "the image-only branch (core: cond2) and, without the image, by "
+                                                  "the unconditional branch (core: negative)."),
+    ]
 
 
 class DualCFGSampler(io.ComfyNode):
@@ -120,32 +147,26 @@ class DualCFGSampler(io.ComfyNode):
             category="InstructPix2Pix/sampling",
             description=(
                 "A sampler with the paper's two guidance scales for custom graphs. Give it the image either as "
-                "IMAGE + VAE or as an encoded image latent. Its GUIDER output plugs into SamplerCustomAdvanced."
+                "IMAGE + VAE or as an encoded image latent. A noise mask on `latent` (Set Latent Noise Mask) "
+                "limits the edit to the masked region. For SamplerCustomAdvanced use the IP2P Guider node."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="An InstructPix2Pix model."),
-                io.Conditioning.Input("positive", tooltip="The instruction's conditioning (CLIP Text Encode)."),
-                io.Conditioning.Input("negative", tooltip="The empty prompt's conditioning (or a negative "
-                                                          "prompt): used by the image-only and unconditional "
-                                                          "branches."),
+                io.Model.Input("model", tooltip="An InstructPix2Pix model; every patch on it (LoRA, FreeU, "
+                                                "RescaleCFG, PAG, ...) applies as in core's samplers."),
+                *conditioning_inputs(),
                 image_scale_input(),
                 text_scale_input(),
                 *sampling_inputs(),
                 io.Float.Input("denoise", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="1.0 samples from pure noise (the paper). Lower values start from "
                                        "`latent` and keep more of it."),
-                io.Latent.Input("image_latent", optional=True,
-                                tooltip="The input image already encoded (raw VAE latent, e.g. from VAE Encode)."),
-                io.Image.Input("image", optional=True, tooltip="The input image (needs `vae`)."),
-                io.Vae.Input("vae", optional=True, tooltip="Encodes `image`."),
+                *image_inputs(),
                 io.Latent.Input("latent", optional=True,
-                                tooltip="Starting latent for denoise < 1; defaults to zeros of the image size."),
+                                tooltip="Starting latent (for denoise < 1 or a noise mask); defaults to zeros of "
+                                        "the image size. Its noise mask is honoured: only the masked region "
+                                        "is sampled, the rest keeps this latent."),
             ],
-            outputs=[
-                io.Latent.Output(display_name="LATENT"),
-                io.Guider.Output(display_name="GUIDER", tooltip="The dual-guidance guider, for "
-                                                               "SamplerCustomAdvanced."),
-            ],
+            outputs=[io.Latent.Output(display_name="LATENT")],
         )
 
     @classmethod
@@ -155,10 +176,43 @@ class DualCFGSampler(io.ComfyNode):
         check_is_ip2p(model)
         settings = settings_from(kwargs)
         concat = image_latent_from(image_latent, image, vae, model)
-        start = latent["samples"] if latent is not None else torch.zeros_like(concat)
+        latent = dict(latent) if latent is not None else {"samples": torch.zeros_like(concat)}
         guider = make_guider(model, positive, negative, concat, settings.image_scale, settings.text_scale)
-        samples = sample(guider, start, settings)
-        return io.NodeOutput({"samples": samples}, guider)
+        latent["samples"] = sample(guider, latent["samples"], settings, noise_mask=latent.get("noise_mask"),
+                                   batch_index=latent.get("batch_index"))
+        return io.NodeOutput(latent)
+
+
+class IP2PGuiderNode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="IP2PGuider",
+            display_name="IP2P Guider (InstructPix2Pix)",
+            category="InstructPix2Pix/sampling",
+            description=(
+                "The paper's dual guidance as a GUIDER for SamplerCustomAdvanced (or any custom sampler): "
+                "all branches in one batched model call per step. Samples nothing itself. Equivalent to core's "
+                "InstructPixToPixConditioning + DualCFGGuider (style regular, cfg_conds = text guidance, "
+                "cfg_cond2_negative = image guidance)."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="An InstructPix2Pix model; its patches apply as in core's guiders."),
+                *conditioning_inputs(),
+                image_scale_input(),
+                text_scale_input(),
+                *image_inputs(),
+            ],
+            outputs=[io.Guider.Output(display_name="GUIDER", tooltip="Plug into SamplerCustomAdvanced.")],
+        )
+
+    @classmethod
+    @named_errors("IP2PGuider")
+    def execute(cls, model, positive, negative, image_guidance, text_guidance, image_latent=None, image=None,
+                vae=None) -> io.NodeOutput:
+        check_is_ip2p(model)
+        concat = image_latent_from(image_latent, image, vae, model)
+        return io.NodeOutput(make_guider(model, positive, negative, concat, image_guidance, text_guidance))
 
 
 def image_latent_from(image_latent, image, vae, model) -> torch.Tensor:
@@ -217,4 +271,4 @@ class IP2PGuidanceGrid(io.ComfyNode):
         return io.NodeOutput(guidance_grid(batch, image_scales, text_scales), batch)
 
 
-NODES = [InstructEdit, DualCFGSampler, IP2PGuidanceGrid]
+NODES = [InstructEdit, DualCFGSampler, IP2PGuiderNode, IP2PGuidanceGrid]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import comfy.model_management
@@ -14,6 +15,7 @@ import torch
 from . import memory
 from .guider import IP2PGuider, make_guider
 from .images import reference_size, resize_lanczos, to_rgb
+from .masks import composite, feather_inward, fit_masks, latent_noise_mask
 
 
 @dataclass(frozen=True)
@@ -94,35 +96,47 @@ def sigmas_for(model, settings: SamplingSettings) -> torch.Tensor:
     return sigmas[-(settings.steps + 1):]
 
 
-def sample(guider: IP2PGuider, latent: torch.Tensor, settings: SamplingSettings, callback=None) -> torch.Tensor:
-    """Runs ComfyUI's sampler with our guider; noise is seeded exactly like KSampler/RandomNoise."""
+def sample(guider: IP2PGuider, latent: torch.Tensor, settings: SamplingSettings, callback=None,
+           noise_mask: torch.Tensor | None = None, batch_index: list[int] | None = None) -> torch.Tensor:
+    """Runs ComfyUI's sampler with our guider, as SamplerCustomAdvanced does.
+
+    Noise is seeded exactly like KSampler/RandomNoise (`batch_index` picks a batch's share, as for a latent
+    split off a larger batch); `noise_mask` ([B, 1, H, W] or [B, H, W], any size: ComfyUI resizes it to the
+    latent) keeps every unmasked latent value at `latent`'s, as Set Latent Noise Mask does for core's samplers.
+    """
     model = guider.model_patcher
     latent = comfy.sample.fix_empty_latent_channels(model, latent)
     sigmas = sigmas_for(model, settings)
     if sigmas.numel() == 0:
         return latent
     memory.check_sampling(model, latent.shape[1:], "the edit")
-    noise = comfy.sample.prepare_noise(latent, settings.seed)
+    noise = comfy.sample.prepare_noise(latent, settings.seed, batch_index)
     sampler = comfy.samplers.sampler_object(settings.sampler_name)
     if callback is None:
         callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
     samples = memory.run_out_of_memory_safe(lambda: guider.sample(
-        noise, latent, sampler, sigmas, callback=callback, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
-        seed=settings.seed), "the edit")
+        noise, latent, sampler, sigmas, denoise_mask=noise_mask, callback=callback,
+        disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=settings.seed), "the edit")
     return samples.to(comfy.model_management.intermediate_device())
 
 
 def edit_latents(model, positive, negative, image_latent: torch.Tensor, settings: SamplingSettings,
-                 start_latent: torch.Tensor | None = None, variations: int = 1) -> torch.Tensor:
-    """Samples `variations` edits per image latent (batch order: image-major)."""
+                 start_latent: torch.Tensor | None = None, variations: int = 1,
+                 noise_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Samples `variations` edits per image latent (batch order: image-major).
+
+    With `noise_mask` (one per image) only the masked region is sampled; the rest keeps `start_latent`, which
+    then defaults to the image's own latent (what VAE Encode + Set Latent Noise Mask give core's samplers).
+    """
+    if start_latent is None:
+        start_latent = image_latent if noise_mask is not None else torch.zeros_like(image_latent)
     if variations > 1:
         image_latent = image_latent.repeat_interleave(variations, dim=0)
-        if start_latent is not None:
-            start_latent = start_latent.repeat_interleave(variations, dim=0)
-    if start_latent is None:
-        start_latent = torch.zeros_like(image_latent)
+        start_latent = start_latent.repeat_interleave(variations, dim=0)
+        if noise_mask is not None:
+            noise_mask = noise_mask.repeat_interleave(variations, dim=0)
     guider = make_guider(model, positive, negative, image_latent, settings.image_scale, settings.text_scale)
-    return sample(guider, start_latent, settings)
+    return sample(guider, start_latent, settings, noise_mask=noise_mask)
 
 
 def decode(vae, samples: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -134,3 +148,52 @@ def decode(vae, samples: torch.Tensor, size: tuple[int, int] | None = None) -> t
     if size is not None:
         images = resize_lanczos(images, size[0], size[1])
     return images
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """What InstructEdit was asked: the images, the texts, and how to size and mask the edit."""
+
+    instruction: str
+    negative: str = ""
+    resolution: int = 512
+    keep_input_size: bool = True
+    variations: int = 1
+    mask: torch.Tensor | None = None
+    feather: int = 0
+
+
+def edit_images(model, clip, vae, images: torch.Tensor, request: EditRequest,
+                settings: SamplingSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole edit: (edited IMAGE batch, edit latents). With a mask, only the masked region changes."""
+    pixels = prepare_pixels(images, request.resolution)
+    count, height, width = images.shape[0], images.shape[1], images.shape[2]
+    masks = fit_masks(request.mask, count, height, width) if request.mask is not None else None
+    if masks is not None and not bool(masks.any()):
+        return unchanged(vae, images, pixels, request)
+    image_latent = encode_image(vae, pixels, model)
+    positive, uncond = encode_text(clip, request.instruction), encode_text(clip, request.negative)
+    edit_masks = None
+    if request.mask is not None:
+        edit_masks = fit_masks(request.mask, count, pixels.shape[1], pixels.shape[2])
+    noise_mask = latent_noise_mask(edit_masks) if edit_masks is not None else None
+    samples = edit_latents(model, positive, uncond, image_latent, settings, variations=request.variations,
+                           noise_mask=noise_mask)
+    size = (width, height) if request.keep_input_size else None
+    edited = decode(vae, samples, size)
+    if masks is not None:
+        base, region = (to_rgb(images), masks) if request.keep_input_size else (pixels, edit_masks)
+        edited = composite(base.repeat_interleave(request.variations, dim=0).to(edited), edited,
+                           feather_inward(region, request.feather).repeat_interleave(request.variations, dim=0))
+    return edited, samples
+
+
+def unchanged(vae, images: torch.Tensor, pixels: torch.Tensor, request: EditRequest):
+    """An all-zero mask edits nothing: the input comes back as it is (RGB), and its latent, with no sampling."""
+    # Load Image gives an all-black mask for a photo without a painted one: say why nothing changed.
+    logging.warning("InstructEdit: the mask is empty (all black), so the input is returned unchanged. Paint the "
+                    "region to edit (right-click Load Image -> Open in MaskEditor) or disconnect the mask.")
+    base = to_rgb(images) if request.keep_input_size else pixels
+    latent = encode_image(vae, pixels)
+    repeat = request.variations
+    return base.repeat_interleave(repeat, dim=0), latent.repeat_interleave(repeat, dim=0)

@@ -4,16 +4,27 @@
 
 Branch names used throughout the pack: `uncond` = e(z, 0_img, 0_txt), `image` = e(z, img, 0_txt),
 `full` = e(z, img, txt).
+
+The formula is grouped as ComfyUI core's Guider_DualCFG ("regular" style) groups it:
+
+    e = cfg(image, uncond, s_I) + s_T * (full - image),   cfg(c, u, s) = u + s * (c - u)
+
+so that the image-guidance pair can go through ComfyUI's `cfg_function`, where model patches (RescaleCFG,
+PAG, CFGZeroStar, ...) hook in. `combine` takes that `cfg` as a parameter; the plain one is the paper's.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
 BRANCHES = ("uncond", "image", "full")
+
+# cfg(cond_prediction, uncond_prediction, scale) -> guided prediction
+CfgFunction = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
 
 
 class Needed(NamedTuple):
@@ -22,32 +33,33 @@ class Needed(NamedTuple):
     full: bool
 
 
-def branches_needed(image_scale: float, text_scale: float) -> Needed:
+def branches_needed(image_scale: float, text_scale: float, keep_all: bool = False) -> Needed:
     """Which model branches the formula actually reads.
 
-    s_I == 1 cancels the uncond term (two branches); s_I == s_T == 1 leaves only the full branch.
+    s_I == 1 cancels the uncond term (two branches); s_I == s_T == 1 leaves only the full branch. `keep_all`
+    (ComfyUI's `disable_cfg1_optimization`, set by patches such as SAG that read every branch) runs all three.
     """
     check_scales(image_scale, text_scale)
     image_is_one = math.isclose(image_scale, 1.0)
-    if image_is_one and math.isclose(text_scale, 1.0):
+    if keep_all or not image_is_one:
+        return Needed(True, True, True)
+    if math.isclose(text_scale, 1.0):
         return Needed(False, False, True)
-    return Needed(not image_is_one, True, True)
+    return Needed(False, True, True)
 
 
-def combine(uncond: torch.Tensor | None, image: torch.Tensor | None, full: torch.Tensor,
-            image_scale: float, text_scale: float) -> torch.Tensor:
-    """Guided prediction from the branch predictions; branches that are not needed may be None."""
-    needed = branches_needed(image_scale, text_scale)
-    if not needed.image:
-        return full
-    if image is None:
-        raise ValueError("the image branch is needed unless both scales are 1")
-    text_term = image + text_scale * (full - image)
-    if not needed.uncond:
-        return text_term
-    if uncond is None:
-        raise ValueError("the unconditional branch is needed when image_scale != 1")
-    return text_term + (image_scale - 1.0) * (image - uncond)
+def plain_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    return uncond + (cond - uncond) * scale
+
+
+def combine(uncond: torch.Tensor, image: torch.Tensor, full: torch.Tensor, image_scale: float,
+            text_scale: float, cfg: CfgFunction = plain_cfg) -> torch.Tensor:
+    """Guided prediction from the three branch predictions.
+
+    A branch that `branches_needed` skips is passed as zeros (as ComfyUI's batch evaluation returns it): the
+    skipped terms then vanish exactly, e.g. at s_I == 1 cfg(image, 0, 1) == image.
+    """
+    return cfg(image, uncond, image_scale) + (full - image) * text_scale
 
 
 def check_scales(image_scale: float, text_scale: float) -> None:

@@ -87,12 +87,42 @@ def advanced_edit(info: dict) -> dict:
     wf.connect(decode, 0, upscale, "image")
     wf.connect(upscale, 0, save, "images")
     wf.note("Advanced edit", "The edit as separate core-compatible pieces: patch the model (FreeU here, or a LoRA "
-                             "loader), encode the texts yourself, sample with the Dual CFG Sampler (its GUIDER "
-                             "output also plugs into SamplerCustomAdvanced), then post-process.\n\n" + EDIT_NOTE)
+                             "loader, RescaleCFG, PAG...), encode the texts yourself, sample with the Dual CFG "
+                             "Sampler (or the IP2P Guider into SamplerCustomAdvanced), then post-process.\n\n"
+            + EDIT_NOTE)
     return wf.build()
 
 
-WORKFLOWS = {"instruct_edit.json": basic_edit, "instruct_edit_advanced.json": advanced_edit}
+MASKED_NOTE = (
+    "## Edit only a region\n"
+    "Load your photo, right-click Load Image -> **Open in MaskEditor** and paint the region to change. Only that "
+    "region is edited; every pixel outside the mask stays exactly the photo's. `mask_feather` softens the edge "
+    "inside the mask. Without a painted mask the photo comes back unchanged.\n\n" + EDIT_NOTE
+)
+
+
+def masked_edit(info: dict) -> dict:
+    """Load Image with its painted mask -> InstructEdit with the mask."""
+    from comfyui_ip2p.testing.workflow_builder import UIWorkflow
+
+    wf = UIWorkflow(info)
+    model = wf.add("LoadIP2PModel", checkpoint=REAL_CHECKPOINT)
+    image = wf.add("LoadImage", image="example.png")
+    edit = wf.add("InstructEdit", instruction="make the sky pink", image_guidance=1.5, text_guidance=7.5,
+                  steps=20, seed=0, sampler_name="euler_ancestral", scheduler="normal", resolution=512,
+                  keep_input_size=True, negative="", variations=1, mask_feather=8)
+    save = wf.add("SaveImage", filename_prefix="instruct_edit_masked")
+    for slot, name in enumerate(("model", "clip", "vae")):
+        wf.connect(model, slot, edit, name)
+    wf.connect(image, 0, edit, "image")
+    wf.connect(image, 1, edit, "mask")
+    wf.connect(edit, 0, save, "images")
+    wf.note("How to use", MASKED_NOTE)
+    return wf.build()
+
+
+WORKFLOWS = {"instruct_edit.json": basic_edit, "instruct_edit_advanced.json": advanced_edit,
+             "instruct_edit_masked.json": masked_edit}
 
 
 def main() -> None:

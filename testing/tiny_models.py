@@ -64,6 +64,8 @@ class UNetLayout:
 
 LAYOUTS = {
     "tiny": UNetLayout(channel_mult=(1,), num_res_blocks=1, attention_levels=(True,)),
+    # Two levels: output blocks 640 wide, which FreeU needs (it scales 1280- and 640-channel blocks only).
+    "two_level": UNetLayout(channel_mult=(1, 2), num_res_blocks=1, attention_levels=(True, True)),
     "full": UNetLayout(channel_mult=(1, 2, 4, 4), num_res_blocks=2, attention_levels=(True, True, True, False)),
 }
 
@@ -85,6 +87,23 @@ def _fill_random(shapes: dict[str, torch.Size], seed: int, dtype: torch.dtype) -
             value = torch.randn(shape, generator=gen) / math.sqrt(fan_in)
         out[name] = value.to(dtype)
     return out
+
+
+def _write_safetensors(path: str | os.PathLike, sd: dict, metadata: dict[str, str]) -> Path:
+    """Writes atomically (temp file + rename) and returns the path."""
+    import safetensors.torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        safetensors.torch.save_file(sd, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
 
 
 def _meta_shapes(build) -> dict[str, torch.Size]:
@@ -246,3 +265,49 @@ def write_sdxl_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+# --- a ControlNet and a LoRA that fit a given SD1.5 layout -----------------------------------------------------
+
+
+def controlnet_state_dict(layout: UNetLayout, seed: int = 0, dtype=torch.float16) -> dict:
+    """A random SD1.5 ControlNet (.pth layout, `control_model.` keys) for `layout`'s UNet.
+
+    ComfyUI's ControlNetLoader detects its config from the keys, as for a real one. The zero convolutions are
+    random rather than zero, so the control visibly changes a sample.
+    """
+    import comfy.ops
+    from comfy.cldm.cldm import ControlNet
+
+    config = layout.comfy_config(in_channels=4)
+    config.pop("out_channels")
+    shapes = _meta_shapes(lambda: ControlNet(**config, hint_channels=3, operations=comfy.ops.disable_weight_init))
+    return {"control_model." + k: v for k, v in _fill_random(shapes, seed, dtype).items()}
+
+
+def write_controlnet(path: str | os.PathLike, layout_name: str = "tiny", seed: int = 0) -> Path:
+    sd = controlnet_state_dict(LAYOUTS[layout_name], seed)
+    return _write_safetensors(path, sd, {"comfyui_ip2p.random_model": json.dumps({"kind": "controlnet"})})
+
+
+def lora_state_dict(unet_sd: dict, rank: int = 4, seed: int = 0, scale: float = 0.5) -> dict:
+    """A random LoRA on every attention projection of a UNet, keyed as ComfyUI's LoRA loader reads it
+    (`diffusion_model.<module>.lora_up/lora_down.weight`)."""
+    gen = torch.Generator().manual_seed(seed)
+    lora = {}
+    for key, weight in sorted(unet_sd.items()):
+        if weight.ndim != 2 or ".attn" not in key or not key.endswith(".weight"):
+            continue
+        module = "diffusion_model." + key[len(UNET_PREFIX):-len(".weight")]
+        out_features, in_features = weight.shape
+        lora[module + ".lora_up.weight"] = torch.randn(out_features, rank, generator=gen) * scale / math.sqrt(rank)
+        lora[module + ".lora_down.weight"] = torch.randn(rank, in_features, generator=gen) / math.sqrt(in_features)
+    return {k: v.to(torch.float16) for k, v in lora.items()}
+
+
+def write_lora(path: str | os.PathLike, checkpoint: str | os.PathLike, seed: int = 0) -> Path:
+    """A random LoRA for the UNet of the checkpoint file at `checkpoint`."""
+    import safetensors.torch
+
+    return _write_safetensors(path, lora_state_dict(safetensors.torch.load_file(str(checkpoint)), seed=seed),
+                              {"comfyui_ip2p.random_model": json.dumps({"kind": "lora"})})

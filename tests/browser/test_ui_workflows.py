@@ -24,6 +24,8 @@ INTENTIONAL = {
     ("build_dataset.json", "P2PPairGenerator", "samples_per_pair"),
     ("build_dataset.json", "P2PPairGenerator", "steps"),
     ("build_dataset.json", "P2PPairGenerator", "batch_size"),
+    ("instruct_edit_masked.json", "InstructEdit", "instruction"),
+    ("instruct_edit_masked.json", "InstructEdit", "mask_feather"),
     ("train.json", "TrainIP2P", "mode"),
     ("train.json", "TrainIP2P", "steps"),
     ("train.json", "TrainIP2P", "ema_decay"),

@@ -18,7 +18,7 @@ PACK = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((PACK / "example_workflows").glob("*.json"))
 # Edit workflows need only a checkpoint and an image; the dataset and training workflows have their own tests.
 EDIT_WORKFLOWS = sorted((PACK / "example_workflows").glob("instruct_edit*.json"))
-OUR_NODES = ["LoadIP2PModel", "ConvertToIP2P", "InstructEdit", "DualCFGSampler", "IP2PGuidanceGrid",
+OUR_NODES = ["LoadIP2PModel", "ConvertToIP2P", "InstructEdit", "DualCFGSampler", "IP2PGuider", "IP2PGuidanceGrid",
              "IP2PReferenceResize"]
 
 
@@ -40,7 +40,7 @@ def test_our_nodes_are_listed_with_tooltips(comfy_server):
         assert node["python_module"].startswith("custom_nodes.")
         for section in ("required", "optional"):
             for input_name, spec in node["input"].get(section, {}).items():
-                if name in ("InstructEdit", "LoadIP2PModel", "DualCFGSampler"):
+                if name in ("InstructEdit", "LoadIP2PModel", "DualCFGSampler", "IP2PGuider"):
                     assert spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
     edit = info["InstructEdit"]["input"]["required"]
     assert edit["image_guidance"][1]["default"] == 1.5
@@ -112,3 +112,20 @@ def test_headless_main_writes_the_edit(tmp_path, input_image, comfy_base):
     missing = subprocess.run([*cmd[:3], "--base-dir", str(base), "--image", str(tmp_path / "nope.png")],
                              capture_output=True, text=True, timeout=600)
     assert missing.returncode != 0 and "does not exist" in missing.stderr
+
+
+def test_masked_template_edits_only_the_painted_region(comfy_server, comfy_base, tiny_ip2p_ckpt):
+    """What the mask editor writes: a photo whose alpha is 0 where the user painted (Load Image's MASK = 1 - alpha)."""
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    alpha = np.full((48, 80), 255, dtype=np.uint8)
+    alpha[:, 50:] = 0  # painted: the right part
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(comfy_base / "input" / "painted.png")
+    ui = json.loads((PACK / "example_workflows" / "instruct_edit_masked.json").read_text())
+    prompt = shrink_for_test(ui_to_api(ui, comfy_server.get("/object_info")), tiny_ip2p_ckpt, "painted.png")
+    entry = comfy_server.run(prompt, timeout=600)
+    (path,) = output_files(comfy_base, entry)
+    edited = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    assert edited.shape == rgb.shape
+    assert np.array_equal(edited[:, :50], rgb[:, :50]), "pixels outside the painted mask must be the photo's own"
+    assert np.abs(edited[:, 58:] - rgb[:, 58:]).mean() > 5, "the painted region was not edited"
