@@ -12,10 +12,12 @@ a back-off short.
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import json
 import os
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import openai
+
+from .key_hosts import connect_url
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
@@ -130,7 +134,8 @@ def open_client(endpoint: Endpoint) -> tuple[openai.OpenAI, str | None]:
         raise MissingAPIKeyError(f"{public_base_url(endpoint.base_url)} needs an API key: set {source}")
     client = openai.OpenAI(
         api_key=key or PLACEHOLDER_KEY,
-        base_url=endpoint.base_url,
+        # `localhost` becomes 127.0.0.1 here, so the key never waits on a name lookup (key_hosts).
+        base_url=connect_url(endpoint.base_url),
         timeout=endpoint.timeout,
         max_retries=0,
     )
@@ -140,22 +145,74 @@ def open_client(endpoint: Endpoint) -> tuple[openai.OpenAI, str | None]:
 # Any run of this many characters of the key counts as the key: a server that echoes part of it (or a
 # message cut in the middle of it) must not put the rest into logs.
 _KEY_FRAGMENT = 8
+# Escapes that repr() and JSON write for characters a hostile echo puts between the key's characters.
+_ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{4}|x[0-9a-fA-F]{2}|[nrtfvb0\\'\"])")
+
+
+def _letters(text: str) -> tuple[str, list[int]]:
+    """The ASCII letters and digits of `text`, lower-cased, and where each one stands in `text`.
+
+    Spaces, line breaks, punctuation, escapes and other characters are left out, so that "s k - A B c",
+    "sk-ab\\ncd" and "SK-ABCD" all read as "skabcd": an endpoint that echoes the key spaced out, split over
+    lines or in another case is still caught.
+    """
+    letters, where = [], []
+    position = 0
+    while position < len(text):
+        escape = _ESCAPE.match(text, position) if text[position] == "\\" else None
+        if escape is not None:
+            position = escape.end()
+            continue
+        char = text[position]
+        if char.isascii() and char.isalnum():
+            letters.append(char.lower())
+            where.append(position)
+        position += 1
+    return "".join(letters), where
+
+
+def _encoded_forms(secret: str) -> list[str]:
+    """The key as base64 (standard and URL-safe) wherever it starts in the encoded text: the characters that
+    depend on the key's bytes alone (the first and last group depend on its neighbours too, so they are cut)."""
+    forms = []
+    for shift in range(3):
+        encoded = base64.b64encode(b"\0" * shift + secret.encode("utf-8")).decode("ascii")
+        core = encoded[4:-4]
+        if len(core) >= _KEY_FRAGMENT:
+            forms += [core, core.replace("+", "-").replace("/", "_")]
+    return forms
+
+
+def _covered(message: str, secret: str) -> list[bool]:
+    """Which characters of `message` belong to a form of the key (fragments of _KEY_FRAGMENT letters or more)."""
+    covered = [False] * len(message)
+    for form in _encoded_forms(secret):
+        found = message.find(form)
+        while found != -1:
+            covered[found:found + len(form)] = [True] * len(form)
+            found = message.find(form, found + 1)
+    letters, where = _letters(message)
+    key_letters, _ = _letters(secret)
+    for start in range(len(key_letters) - _KEY_FRAGMENT + 1):
+        fragment = key_letters[start:start + _KEY_FRAGMENT]
+        found = letters.find(fragment)
+        while found != -1:
+            # From the fragment's first letter to its last, with whatever was put between them.
+            first, last = where[found], where[found + _KEY_FRAGMENT - 1]
+            covered[first:last + 1] = [True] * (last + 1 - first)
+            found = letters.find(fragment, found + 1)
+    return covered
 
 
 def redact(message: str, secret: str | None) -> str:
-    """`message` with the key, and every fragment of it of _KEY_FRAGMENT or more characters, replaced."""
+    """`message` with the key, and every fragment or spaced-out, split, case-changed or base64 form of it of
+    _KEY_FRAGMENT or more letters, replaced."""
     if not secret:
         return message
     message = message.replace(secret, REDACTED)
-    if len(secret) < _KEY_FRAGMENT:
+    if len(_letters(secret)[0]) < _KEY_FRAGMENT:
         return message
-    covered = [False] * len(message)
-    for start in range(len(secret) - _KEY_FRAGMENT + 1):
-        fragment = secret[start:start + _KEY_FRAGMENT]
-        found = message.find(fragment)
-        while found != -1:
-            covered[found:found + _KEY_FRAGMENT] = [True] * _KEY_FRAGMENT
-            found = message.find(fragment, found + 1)
+    covered = _covered(message, secret)
     if not any(covered):
         return message
     parts, previous = [], False
@@ -166,6 +223,11 @@ def redact(message: str, secret: str | None) -> str:
             parts.append(REDACTED)
         previous = hidden
     return "".join(parts)
+
+
+def holds_secret(text: str, secret: str | None) -> bool:
+    """Whether `text` quotes the key in any form redact() knows."""
+    return bool(secret) and redact(text, secret) != text
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,9 +12,20 @@ with gloo when the launcher set MASTER_ADDR/MASTER_PORT, else status files in th
 merges every shard into `output/<name>` with the dataset writer: each (group, sample) exactly once, so merging
 again adds nothing.
 
-Resuming: a chunk is recorded as done, with a fingerprint of its settings, once its rows are saved. A rerun
-skips done chunks, redoes unfinished ones (the writer skips rows already saved; LLM answers come from the
-cache) and merges again. Resume with the same number of processes and chunk size (checked).
+Resuming: a chunk is recorded as done, with a fingerprint of its settings, once its rows are saved and every
+caption got a usable LLM answer or a final one (an edit identical to the caption after every re-ask). A chunk
+whose captions got no usable answer for transport or format reasons is not recorded, so a rerun asks exactly those
+captions again (the others come from the LLM cache, and the writer skips rows already saved) and merges again.
+Resume with the same number of processes and chunk size (checked).
+
+One bad row never stops the build: a caption or answer a node refuses (too many CLIP windows, images that are not
+finite) is skipped with its reason, and the chunk, the rank and the merge go on. The counts come from the nodes'
+`ip2p_stats` ui entry (data, never their wording); the builder prints every skipped row by reason.
+
+Exit codes: 0 every caption gave its rows (the paper's own drops aside: identical edits, duplicates, the CLIP
+filter); 3 (EXIT_PARTIAL) the dataset was merged but rows are missing: captions without a usable LLM answer (a
+rerun of the same command asks exactly those again) or rows a node refused (listed with their reason: fix or
+remove those captions); 1 an error, nothing merged; 2 a command-line error (argparse).
 
 Seeds: chunk c of rank k is chunk c*W + k overall; its samples get seed + (c*W + k) * chunk_size *
 samples_per_pair + n, so no two samples anywhere start from the same noise.
@@ -32,7 +43,6 @@ import datetime
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -59,8 +69,14 @@ SAMPLES_PER_CHUNK = 256
 SEED_LIMIT = 2**63
 POLL_S = 2.0
 PROGRESS_EVERY_S = 15.0
-# After this many chunks in a row whose every LLM request failed, the endpoint is taken to be down.
+# After this many chunks in a row without a single usable LLM answer, the endpoint is taken to be down.
 MAX_DEAD_CHUNKS = 3
+EXIT_OK, EXIT_ERROR, EXIT_PARTIAL = 0, 1, 3  # 2 is argparse's, for a command-line error
+STATS_KEY = "ip2p_stats"  # the nodes' ui entry holding their counts as data (pipeline/dataset_nodes.STATS_KEY)
+# pipeline/dataset_nodes.EMPTY_OK_ENV: in this process a chunk without one usable LLM answer gives zero rows and its
+# counts (the chunk is then not recorded as done) instead of an error that would stop the rank.
+EMPTY_OK_ENV = "IP2P_INSTRUCTIONS_EMPTY_OK"
+LLM, P2P = "GenerateEditInstructions", "P2PPairGenerator"
 NEEDED = ("CheckpointLoaderSimple", "GenerateEditInstructions", "P2PPairGenerator", "CLIPDirectionFilter",
           "SaveEditDataset")
 # Canvas previews: in a headless run they would only fill the temp folder with every image.
@@ -89,7 +105,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Build an instruction-editing dataset (captions -> LLM edits -> Prompt-to-Prompt pairs -> "
                     "CLIP filter) with the shipped workflow, sharded over the processes of torchrun or "
                     "accelerate launch. Options left out keep the workflow's values. The API key is read from "
-                    "--api-key-env or --api-key-file, never from the command line.")
+                    "--api-key-env or --api-key-file, never from the command line.",
+        epilog=f"Exit codes: {EXIT_OK} every caption gave its rows; {EXIT_PARTIAL} partial: merged, but rows are "
+               "missing (captions without a usable LLM answer, asked again by rerunning the same command, or rows "
+               f"a node refused, listed with their reasons); {EXIT_ERROR} error, nothing merged; 2 bad arguments.")
     add = parser.add_argument
     add("--captions", type=Path, required=True, help="captions file: .txt (one a line), .jsonl or .csv")
     add("--name", required=True, help="dataset folder inside ComfyUI's output folder (subfolders with /)")
@@ -301,8 +320,12 @@ def fingerprint(prompt: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
 
 
-def record_chunk(layout: Layout, rank: int, done: dict[str, Any], chunk: Chunk, mark: str, rows: int) -> None:
-    done[str(chunk.index)] = {"fingerprint": mark, "captions": len(chunk.captions), "rows": rows}
+def record_chunk(layout: Layout, rank: int, done: dict[str, Any], chunk: Chunk, mark: str,
+                 outcome: ChunkOutcome) -> None:
+    """Marks `chunk` done; what it skipped is kept with it, so a rerun that skips the chunk still reports it."""
+    done[str(chunk.index)] = {"fingerprint": mark, "captions": len(chunk.captions), "rows": outcome.new_rows,
+                              "skipped": outcome.skipped, "skipped_rows": outcome.skipped_rows,
+                              "refused": outcome.refused}
     atomic_write_json(layout.progress(rank), {"chunks": done})
 
 
@@ -385,11 +408,14 @@ def model_file(value: str | None, folder: str) -> str | None:
 
 @dataclass
 class ChunkOutcome:
-    complete: bool
+    complete: bool  # every caption got a usable or a final LLM answer: recorded as done
     new_rows: int = 0
     fetched: int = 0
     cached: int = 0
-    failed: int = 0
+    unanswered: int = 0  # captions without a usable answer for a reason a rerun can fix: asked again then
+    refused: int = 0  # rows a later node refused and skipped (a rerun refuses them again)
+    skipped: dict[str, int] = field(default_factory=dict)  # every skipped row, by reason
+    skipped_rows: list[list[str]] = field(default_factory=list)  # [node, caption, reason]
     note: str = ""
 
 
@@ -400,28 +426,61 @@ class RankStatus:
     error: str = ""
     captions: int = 0
     chunks: int = 0
-    skipped: int = 0
-    incomplete: int = 0
+    skipped: int = 0  # chunks already done by an earlier run
+    incomplete: int = 0  # chunks not recorded as done: run with unanswered captions, or not run at all
     new_rows: int = 0
     shard_rows: int = 0
     fetched: int = 0
     cached: int = 0
+    unanswered: int = 0
+    refused: int = 0
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
+    skipped_rows: list[list[str]] = field(default_factory=list)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
+    def add_skips(self, counts: Mapping[str, int], rows: Sequence[Sequence[str]], refused: int) -> None:
+        for reason, count in counts.items():
+            self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + int(count)
+        self.skipped_rows += [list(row) for row in rows]
+        self.refused += int(refused)
 
-def _count(pattern: str, text: str) -> int:
-    found = re.search(pattern, text)
-    return int(found.group(1)) if found else 0
+
+def node_stats(outputs: Mapping[str, Any], node_id: str, kind: str) -> dict[str, Any]:
+    """A node's counts from its ui output (`ip2p_stats`): data, so no rewording of a message can break it."""
+    found = outputs.get(node_id, {}).get(STATS_KEY) or []
+    if not found or not isinstance(found[0], dict):
+        raise BuildError(f"the workflow's {kind} node reported no counts ({STATS_KEY}): use this pack's {kind} "
+                         "node, or update the pack")
+    return found[0]
 
 
-def outcome_of(texts: Mapping[str, str]) -> ChunkOutcome:
-    """Reads the nodes' summaries: LLM counts, rows added; a chunk with failed LLM requests is not complete."""
-    llm = texts.get("GenerateEditInstructions", "")
-    failed = _count(r"failed (\d+)", llm) + _count(r"cancelled (\d+)", llm)
-    return ChunkOutcome(complete=failed == 0, new_rows=_count(r"^(\d+) new rows", texts.get("SaveEditDataset", "")),
-                        fetched=_count(r"(\d+) fetched", llm), cached=_count(r"(\d+) cached", llm), failed=failed,
-                        note=texts.get("CLIPDirectionFilter", "").split("\n", 1)[0])
+def merge_counts(*counts: Mapping[str, int]) -> dict[str, int]:
+    merged: dict[str, int] = {}
+    for table in counts:
+        for reason, count in table.items():
+            merged[reason] = merged.get(reason, 0) + int(count)
+    return merged
+
+
+def outcome_of(llm: Mapping[str, Any], p2p: Mapping[str, Any], new_rows: int, note: str = "") -> ChunkOutcome:
+    """A chunk's outcome from the LLM and P2P nodes' counts.
+
+    Captions the LLM could not answer usably (transport or format) keep the chunk from being recorded as done.
+    """
+    unanswered = int(llm.get("unanswered", 0)) + int(llm.get("cancelled", 0))
+    rows = [[LLM, caption, reason] for caption, reason in llm.get("skipped_captions", [])]
+    rows += [[P2P, caption, reason] for caption, reason in p2p.get("skipped_rows", [])]
+    reasons = "; ".join(llm.get("reasons", [])[:3])
+    return ChunkOutcome(complete=unanswered == 0, new_rows=new_rows, fetched=int(llm.get("fetched", 0)),
+                        cached=int(llm.get("cached", 0)), unanswered=unanswered,
+                        refused=sum(int(c) for c in p2p.get("skipped", {}).values()),
+                        skipped=merge_counts(llm.get("skipped", {}), p2p.get("skipped", {})), skipped_rows=rows,
+                        note="; ".join(part for part in (note, reasons) if part))
+
+
+def skipped_text(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def progress_printer(tag: str, prompt: Mapping[str, dict]):
@@ -436,19 +495,18 @@ def progress_printer(tag: str, prompt: Mapping[str, dict]):
     return on_event
 
 
-def run_chunk(prompt: dict, ids: Mapping[str, str], tag: str) -> ChunkOutcome:
+def run_chunk(prompt: dict, ids: Mapping[str, str], tag: str, shard: Path) -> ChunkOutcome:
     from . import runtime
 
+    before = shard_rows(shard)
     result = runtime.run_prompt(prompt, on_event=progress_printer(tag, prompt))
-    if result.ok:
-        texts = {kind: "\n".join(result.outputs.get(node_id, {}).get("text", [])) for kind, node_id in ids.items()}
-        return outcome_of(texts)
-    message = runtime.format_error(result)
-    if "no usable instructions" in message:
-        # Every answer was unusable (failed, malformed or an identical edit): nothing to draw for this chunk.
-        failed = _count(r"failed (\d+)", message) + _count(r"cancelled (\d+)", message)
-        return ChunkOutcome(complete=failed == 0, failed=failed, note=message.splitlines()[0][:300])
-    raise BuildError(message)
+    if not result.ok:
+        raise BuildError(runtime.format_error(result))
+    llm = node_stats(result.outputs, ids[LLM], LLM)
+    p2p = node_stats(result.outputs, ids[P2P], P2P)
+    clip = "\n".join(result.outputs.get(ids["CLIPDirectionFilter"], {}).get("text", []))
+    # Rows added, from the shard's manifest: a count the writer keeps, not the Save node's wording.
+    return outcome_of(llm, p2p, shard_rows(shard) - before, clip.split("\n", 1)[0])
 
 
 def build_shard(args: argparse.Namespace, captions: Sequence[str], world: World, layout: Layout,
@@ -470,33 +528,53 @@ def build_shard(args: argparse.Namespace, captions: Sequence[str], world: World,
 
 def run_chunks(chunks: Sequence[Chunk], base: Mapping[str, dict], ids: Mapping[str, str], layout: Layout,
                world: World, status: RankStatus) -> None:
-    """Each chunk not yet done with these settings; a chunk is recorded as done once its rows are saved."""
+    """Each chunk not yet done with these settings; a chunk is recorded as done once its rows are saved and no
+    caption is left to ask again."""
     done = read_json(layout.progress(world.rank)).get("chunks", {})
     dead = 0
-    for chunk in chunks:
+    for position, chunk in enumerate(chunks):
         prompt = chunk_prompt(base, ids, chunk, layout.shard_name(world.rank))
         mark = fingerprint(prompt)
-        if done.get(str(chunk.index), {}).get("fingerprint") == mark:
+        earlier = done.get(str(chunk.index), {})
+        if earlier.get("fingerprint") == mark:
             status.skipped += 1
+            # What that run skipped is still missing from the dataset: report it again.
+            status.add_skips(earlier.get("skipped", {}), earlier.get("skipped_rows", []), earlier.get("refused", 0))
             continue
         started = time.monotonic()
-        outcome = run_chunk(prompt, ids, world.tag)
-        status.new_rows += outcome.new_rows
-        status.fetched += outcome.fetched
-        status.cached += outcome.cached
-        print(f"{world.tag} chunk {chunk.index + 1}/{len(chunks)}: {len(chunk.captions)} captions, "
-              f"{outcome.new_rows} new rows, LLM {outcome.fetched} fetched / {outcome.cached} cached / "
-              f"{outcome.failed} failed{', ' + outcome.note if outcome.note else ''} "
-              f"({time.monotonic() - started:.1f} s)", flush=True)
+        outcome = run_chunk(prompt, ids, world.tag, layout.shard(world.rank))
+        count_chunk(status, outcome)
+        print(chunk_line(world.tag, chunk, len(chunks), outcome, time.monotonic() - started), flush=True)
         if outcome.complete:
-            record_chunk(layout, world.rank, done, chunk, mark, outcome.new_rows)
+            record_chunk(layout, world.rank, done, chunk, mark, outcome)
             dead = 0
             continue
         status.incomplete += 1
-        dead = dead + 1 if outcome.new_rows == 0 and outcome.fetched == 0 else 0
+        dead = dead + 1 if outcome.fetched + outcome.cached == 0 else 0
         if dead >= MAX_DEAD_CHUNKS:
-            raise BuildError(f"every LLM request of {dead} chunks in a row failed ({outcome.note}); check --base-url, "
-                             "--model and the key, then rerun the same command to continue")
+            left = len(chunks) - position - 1
+            status.incomplete += left
+            status.notes.append(f"stopped after {dead} chunks in a row without a single usable LLM answer "
+                                f"({outcome.note}); {left} later chunks not run. Check --base-url, --model, --mode "
+                                "and the key, then rerun the same command to continue")
+            return
+
+
+def count_chunk(status: RankStatus, outcome: ChunkOutcome) -> None:
+    status.new_rows += outcome.new_rows
+    status.fetched += outcome.fetched
+    status.cached += outcome.cached
+    status.unanswered += outcome.unanswered
+    status.add_skips(outcome.skipped, outcome.skipped_rows, outcome.refused)
+
+
+def chunk_line(tag: str, chunk: Chunk, total: int, outcome: ChunkOutcome, seconds: float) -> str:
+    """The same counts, in the same words, as GenerateEditInstructions' own summary."""
+    skipped = f", skipped by reason: {skipped_text(outcome.skipped)}" if outcome.skipped else ""
+    again = f", {outcome.unanswered} captions to ask again" if outcome.unanswered else ""
+    note = f"; {outcome.note}" if outcome.note else ""
+    return (f"{tag} chunk {chunk.index + 1}/{total}: {len(chunk.captions)} captions, {outcome.new_rows} new rows, "
+            f"LLM ({outcome.cached} cached, {outcome.fetched} fetched){again}{skipped}{note} ({seconds:.1f} s)")
 
 
 def pick_device(world: World) -> None:
@@ -635,9 +713,21 @@ def summary(layout: Layout, statuses: Sequence[dict], added: int, total: int, fm
         notes = "; ".join(s.get("notes", []))
         lines.append(f"  rank {s['rank']}: {s['captions']} captions, {s['chunks'] - s['skipped']} of {s['chunks']} "
                      f"chunks run ({s['skipped']} already done, {s['incomplete']} incomplete), {s['shard_rows']} rows "
-                     f"in its shard ({s['new_rows']} new), LLM {s['fetched']} fetched / {s['cached']} cached, "
+                     f"in its shard ({s['new_rows']} new), LLM ({s['cached']} cached, {s['fetched']} fetched), "
                      f"{s['seconds']:.1f} s{'; ' + notes if notes else ''}")
+    lines += skipped_lines(statuses)
     return "\n".join(lines)
+
+
+def skipped_lines(statuses: Sequence[dict]) -> list[str]:
+    """Every skipped row, by reason, with the node that skipped it."""
+    counts = merge_counts(*(s.get("skipped_by_reason", {}) for s in statuses))
+    if not counts:
+        return []
+    rows = [row for s in statuses for row in s.get("skipped_rows", [])]
+    lines = [f"skipped {sum(counts.values())} rows, by reason: {skipped_text(counts)}"]
+    lines += [f"  {node}: {caption!r}: {reason}" for node, caption, reason in rows]
+    return lines
 
 
 def finish(args: argparse.Namespace, layout: Layout, statuses: Sequence[dict]) -> int:
@@ -646,16 +736,27 @@ def finish(args: argparse.Namespace, layout: Layout, statuses: Sequence[dict]) -
         print(f"error: rank {s['rank']} failed: {s['error']}", file=sys.stderr)
     if failed:
         print("error: nothing merged; fix the error and rerun the same command to continue", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     check_shards_visible(layout, statuses)
     added, total = merge_shards(layout, len(statuses), args.format, args.image_format)
     print(summary(layout, statuses, added, total, args.format), flush=True)
+    return partial_exit(statuses)
+
+
+def partial_exit(statuses: Sequence[dict]) -> int:
+    """EXIT_PARTIAL, with what is missing and what to do, when rows are missing; else EXIT_OK."""
     incomplete = sum(s["incomplete"] for s in statuses)
+    unanswered = sum(s.get("unanswered", 0) for s in statuses)
+    refused = sum(s.get("refused", 0) for s in statuses)
     if incomplete:
-        print(f"error: {incomplete} chunks had failed LLM requests; their other rows are in. Rerun the same "
-              "command to retry them (answers already received are cached)", file=sys.stderr)
-        return 1
-    return 0
+        print(f"partial (exit {EXIT_PARTIAL}): {unanswered} captions got no usable LLM answer and {incomplete} chunks "
+              "are not recorded as done; every other row is merged. Rerun the same command: it asks exactly those "
+              "captions again (answers already received are cached)", file=sys.stderr)
+    if refused:
+        print(f"partial (exit {EXIT_PARTIAL}): {refused} rows were refused by a node and skipped (listed above with "
+              "their reasons); every other row is merged. A rerun refuses them again: shorten or remove those "
+              "captions in --captions, then rerun", file=sys.stderr)
+    return EXIT_PARTIAL if incomplete or refused else EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -684,28 +785,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         captions, repeats = read_caption_file(args.captions)
         load_key_file(args.api_key_file)
         trust_key_host(args.base_url)
+        os.environ[EMPTY_OK_ENV] = "1"
         pick_device(world)
         layout = Layout(boot_comfy(args.base_dir), args.name)
         sync = make_sync(world, layout, args, os.environ)
     except (BuildError, RuntimeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     notes = [f"{repeats} repeated captions skipped"] if repeats and world.rank == 0 else []
     status = run_rank(args, captions, world, layout, notes)
     try:
         statuses = sync.gather(asdict(status))
     except (BuildError, RuntimeError) as error:
         print(f"{world.tag} error: the ranks could not meet: {error}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
     finally:
         sync.close()
     if statuses is None:
-        return 0 if status.ok else 1
+        return EXIT_OK if status.ok else EXIT_ERROR
     try:
         return finish(args, layout, statuses)
     except (BuildError, ValueError, OSError) as error:
         print(f"error: merging failed: {error}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ class GenerateEditInstructions(io.ComfyNode):
                                 tooltip="The OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 (vLLM), "
                                         "http://127.0.0.1:11434/v1 (Ollama), https://api.openai.com/v1. A key is "
                                         "only sent to api.openai.com, this machine, and the hosts listed in "
-                                        "user/__ip2p_keys/allowed_hosts.txt."),
+                                        "user/__ip2p_keys/allowed_hosts.txt, and to other machines only over "
+                                        "https."),
                 io.String.Input("model", default="Qwen/Qwen2.5-7B-Instruct",
                                 tooltip="The model name the endpoint serves (vLLM: the model it was started with; "
                                         "OpenAI: e.g. gpt-4o-mini)."),
@@ -77,7 +78,8 @@ class GenerateEditInstructions(io.ComfyNode):
                 io.Float.Input("frequency_penalty", default=0.1, min=-2.0, max=2.0, step=0.05,
                                tooltip="Frequency penalty; the paper used 0.1."),
                 io.Int.Input("max_tokens", default=256, min=16, max=4096,
-                             tooltip="Longest answer; the paper used 256. Answers cut at this length are dropped."),
+                             tooltip="Longest answer; the paper used 256. An answer cut at this length is asked "
+                                     "again, then reported."),
                 io.Int.Input("concurrency", default=4, min=1, max=64,
                              tooltip="Requests in flight at once. Raise for fast servers, lower on rate limits."),
                 io.Boolean.Input("cache", default=True,
@@ -101,8 +103,9 @@ class GenerateEditInstructions(io.ComfyNode):
         caption_list = work.collect_captions(captions, captions_file)
         endpoint = work.endpoint_from(base_url, model, api_key_env, api_key_file)
         sampling = work.sampling_from(temperature, frequency_penalty, max_tokens, request_seed)
-        rows, summary = work.run_instructions(caption_list, endpoint, mode, sampling, concurrency, cache)
-        return io.NodeOutput(rows, summary, ui=ui.PreviewText(summary))
+        rows, summary, stats = work.run_instructions(caption_list, endpoint, mode, sampling, concurrency, cache)
+        # The counts travel as data beside the text, so readers never parse the wording.
+        return io.NodeOutput(rows, summary, ui={"text": (summary,), work.STATS_KEY: [stats]})
 
 
 class CLIPDirectionFilter(io.ComfyNode):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.v0_0_2 import io
 
-from ..pipeline.p2p import P2PSettings, generate_pairs, pairs_from_rows, parse_caption_pairs
+from ..dataset.instructions import skipped_text
+from ..pipeline.dataset_nodes import STATS_KEY
+from ..pipeline.p2p import P2PSettings, generate_pairs, pairs_from_rows, parse_caption_pairs, screen_pairs
 from .errors import named_errors
 from .types import EditRows
 
@@ -59,7 +61,9 @@ class P2PPairGenerator(io.ComfyNode):
                              tooltip="Samples per model call (each is 2 images x 2 CFG branches). Lowered "
                                      "automatically when memory is short; results do not depend on it."),
                 EditRows.Input("rows", optional=True,
-                               tooltip="Caption pairs as dataset rows, e.g. from GenerateEditInstructions."),
+                               tooltip="Caption pairs as dataset rows, e.g. from GenerateEditInstructions. A row "
+                                       "the text encoder refuses (e.g. a caption far too long) is skipped, and "
+                                       "listed with its reason in the node's text; the others go on."),
                 io.String.Input("caption_pairs", multiline=True, default="", optional=True,
                                 tooltip="Caption pairs typed in, one per line: "
                                         "'input caption || output caption || instruction' (instruction optional). "
@@ -78,9 +82,25 @@ class P2PPairGenerator(io.ComfyNode):
     @classmethod
     @named_errors("P2PPairGenerator")
     def execute(cls, model, clip, vae, rows=None, caption_pairs="", negative="", **kwargs) -> io.NodeOutput:
-        pairs = pairs_from_rows(rows or []) + parse_caption_pairs(caption_pairs or "")
-        result = generate_pairs(model, clip, vae, pairs, settings_from(kwargs, negative))
-        return io.NodeOutput(result.rows, result.input_images, result.edited_images)
+        # Rows made by another node may hold one bad caption among many: that row is skipped with its reason.
+        # Pairs typed into caption_pairs are the user's own text: a bad one is refused, to be fixed right away.
+        from_rows, skipped = pairs_from_rows(rows or [])
+        from_rows, refused = screen_pairs(clip, from_rows)
+        pairs = from_rows + parse_caption_pairs(caption_pairs or "")
+        result = generate_pairs(model, clip, vae, pairs, settings_from(kwargs, negative), allow_empty=rows is not None)
+        stats = result.stats(len(pairs) + len(skipped) + len(refused), [*skipped, *refused])
+        text = summary_text(stats)
+        return io.NodeOutput(result.rows, result.input_images, result.edited_images,
+                             ui={"text": (text,), STATS_KEY: [stats]})
+
+
+def summary_text(stats: dict) -> str:
+    """What the node made and every row it skipped, by reason (the same counts as `stats`)."""
+    text = f"{stats['rows']} image pairs from {stats['pairs']} caption pairs"
+    if stats["skipped"]:
+        text += f"; skipped by reason: {skipped_text(stats['skipped'])}"
+        text += "".join(f"\n  skipped: {caption!r}: {reason}" for caption, reason in stats["skipped_rows"])
+    return text
 
 
 def settings_from(kwargs: dict, negative: str) -> P2PSettings:

@@ -252,10 +252,18 @@ class _Progress:
         self.bar.update_absolute(done, total)
 
 
+STATS_KEY = "ip2p_stats"  # the nodes' ui entry holding their counts as data (read by the headless builder)
+# Set by the headless builder for its own process: a chunk without one usable answer then gives zero rows and its
+# counts instead of an error that would stop the whole rank. An environment variable, not a node input, because
+# it is the running program's choice, not the workflow's (and the shipped workflow's widgets stay as they are).
+EMPTY_OK_ENV = "IP2P_INSTRUCTIONS_EMPTY_OK"
+
+
 def run_instructions(
-    captions: list[str], endpoint: Endpoint, mode: str, sampling: Sampling, concurrency: int, use_cache: bool
-) -> tuple[list[EditRow], str]:
-    """Rows without images, and a summary. A cancel keeps every answer received so far in the cache."""
+    captions: list[str], endpoint: Endpoint, mode: str, sampling: Sampling, concurrency: int, use_cache: bool,
+) -> tuple[list[EditRow], str, dict]:
+    """Rows without images, a summary and the counts as data. A cancel keeps every answer received so far in the
+    cache. With no usable row it raises (the canvas then shows why), unless EMPTY_OK_ENV is set to 1."""
     cache_path = instruction_cache_path() if use_cache else None
     try:
         with http_debug_logs_off():
@@ -271,12 +279,13 @@ def run_instructions(
                          "space and run again (answers cached before are kept), or turn cache off") from error
     if result.cancelled:
         mm.throw_exception_if_processing_interrupted()
-    if not result.rows:
+    if not result.rows and os.environ.get(EMPTY_OK_ENV) != "1":
         raise ValueError(f"no usable instructions: {_stats_text(result.stats)}. What to do: "
                          f"{_advice(result.stats)}")
     rows = [EditRow(r.input_caption, r.instruction, r.output_caption, None, None) for r in result.rows]
     where = f"cached in {cache_path}" if cache_path else "cache off"
-    return rows, f"{_stats_text(result.stats)} ({where})"
+    return rows, f"{_stats_text(result.stats)} ({where}){_skip_list(result.stats.skipped_captions)}", \
+        result.stats.as_dict()
 
 
 def _stats_text(stats: InstructionStats) -> str:
@@ -287,9 +296,14 @@ def _stats_text(stats: InstructionStats) -> str:
     if any("truncated at max_tokens" in reason for reason in stats.reasons):
         text += " (raise max_tokens to get whole answers)"
     if stats.unanswered:
-        text += (f". {stats.unanswered} captions got no answer; they are not cached and are asked again on the "
-                 "next run (answers already received are kept)")
+        text += (f". {stats.unanswered} captions got no usable answer; they are not cached and are asked again on "
+                 "the next run (answers already received are kept)")
     return text
+
+
+def _skip_list(skipped: list[list[str]]) -> str:
+    """One line per caption that gave no row, with its reason (the counts by reason are in the summary)."""
+    return "".join(f"\n  skipped: {caption!r}: {reason}" for caption, reason in skipped)
 
 
 def _advice(stats: InstructionStats) -> str:
@@ -444,8 +458,17 @@ def _concat_scores(parts: list[ClipScores]) -> ClipScores:
     return ClipScores(*(torch.cat([getattr(p, f) for p in parts]) for f in fields))
 
 
-def score_rows(encoder: ClipEncoder, rows: Sequence[EditRow], batch_size: int) -> ClipScores:
-    """The four scores of every row, `batch_size` pairs at a time (images are decoded only per batch)."""
+# What decoding a row's image may raise: a corrupt or truncated file, a decompression bomb, an unknown format.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def score_rows(encoder: ClipEncoder, rows: Sequence[EditRow], batch_size: int,
+               skipped: list[tuple[int, str]] | None = None) -> ClipScores:
+    """The four scores of every row, `batch_size` pairs at a time (images are decoded only per batch).
+
+    With a `skipped` list, a row whose images do not decode is left out of the scores and noted there as
+    (row index, reason), so one broken file does not stop the rest; without one, it raises.
+    """
     missing = [i for i, r in enumerate(rows) if r.input_image is None or r.edited_image is None]
     if missing:
         raise ValueError(f"{len(missing)} of {len(rows)} rows have no images yet: generate the image pairs "
@@ -454,13 +477,32 @@ def score_rows(encoder: ClipEncoder, rows: Sequence[EditRow], batch_size: int) -
     parts = []
     for start in range(0, len(rows), batch_size):
         mm.throw_exception_if_processing_interrupted()
-        batch = rows[start:start + batch_size]
-        inputs = torch.cat([clip_square(to_tensor(r.input_image), encoder.preprocess) for r in batch])
-        edits = torch.cat([clip_square(to_tensor(r.edited_image), encoder.preprocess) for r in batch])
-        parts.append(encoder.score_pairs(inputs, edits, [r.input_caption for r in batch],
-                                         [r.output_caption for r in batch], batch_size))
-        bar.update_absolute(start + len(batch), len(rows))
+        batch = []
+        for index in range(start, min(start + batch_size, len(rows))):
+            pair = _decoded_pair(rows[index], encoder.preprocess, index, skipped)
+            if pair is not None:
+                batch.append((rows[index], *pair))
+        if batch:
+            inputs = torch.cat([inputs for _, inputs, _ in batch])
+            edits = torch.cat([edits for _, _, edits in batch])
+            parts.append(encoder.score_pairs(inputs, edits, [r.input_caption for r, _, _ in batch],
+                                             [r.output_caption for r, _, _ in batch], batch_size))
+        bar.update_absolute(min(start + batch_size, len(rows)), len(rows))
+    if not parts:
+        return ClipScores(*(torch.zeros(0) for _ in range(4)))
     return _concat_scores(parts)
+
+
+def _decoded_pair(row: EditRow, preprocess: dict, index: int,
+                  skipped: list[tuple[int, str]] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    try:
+        return (clip_square(to_tensor(row.input_image), preprocess),
+                clip_square(to_tensor(row.edited_image), preprocess))
+    except DECODE_ERRORS as error:
+        if skipped is None:
+            raise
+        skipped.append((index, f"image does not decode ({type(error).__name__}: {str(error)[:200]})"))
+        return None
 
 
 def check_finite(**settings: float) -> None:
@@ -478,10 +520,16 @@ def filter_rows(
                  min_sim_image=config.min_sim_image)
     if not rows:
         return [], "no rows to filter"
-    scores = score_rows(load_encoder(weights), rows, batch_size)
-    result = clip_filter.filter_pairs(scores, [r.group for r in rows], config)
-    kept = [dataclasses.replace(rows[i], **scores.row(i)) for i in result.kept.tolist()]
-    return kept, filter_report(rows, scores, result, config)
+    skipped: list[tuple[int, str]] = []
+    scores = score_rows(load_encoder(weights), rows, batch_size, skipped)
+    gone = {index for index, _ in skipped}
+    scored = [row for index, row in enumerate(rows) if index not in gone]
+    skips = "".join(f"\nskipped row {i} ({rows[i].input_caption[:60]!r}): {reason}" for i, reason in skipped)
+    if not scored:
+        return [], f"kept 0 of {len(rows)} pairs: no row's images decoded{skips}"
+    result = clip_filter.filter_pairs(scores, [r.group for r in scored], config)
+    kept = [dataclasses.replace(scored[i], **scores.row(i)) for i in result.kept.tolist()]
+    return kept, filter_report(scored, scores, result, config) + skips
 
 
 def filter_report(rows: Sequence[EditRow], scores: ClipScores, result, config: ClipFilterConfig) -> str:

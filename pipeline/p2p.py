@@ -22,7 +22,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import comfy.k_diffusion.sampling
 import comfy.ldm.modules.attention
@@ -36,6 +36,7 @@ from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from PIL import Image
 
+from ..dataset.instructions import excerpt
 from ..dataset.records import EditRow
 from ..samplers.p2p_attention import CFG_RANGE, P_RANGE, AttentionFn, blocks_src_index, sample_p2p_params, sharing_on
 from . import memory
@@ -103,13 +104,66 @@ def parse_caption_pairs(text: str) -> list[CaptionPair]:
     return pairs
 
 
-def pairs_from_rows(rows: Sequence[EditRow]) -> list[CaptionPair]:
-    pairs = []
-    for number, row in enumerate(rows):
+# Why a row was skipped; stable labels, counted per label (the detail goes into the list of skipped rows).
+EMPTY_CAPTION = "empty input or output caption"
+TEXT_REFUSED = "caption refused by the text encoder"
+NOT_FINITE = "images not finite (NaN or infinite values)"
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    """A row of the input that gave no pairs, and why. One bad row must not cost the rest of the batch."""
+
+    caption: str
+    label: str
+    detail: str = ""
+
+    def as_list(self) -> list[str]:
+        return [excerpt(self.caption), f"{self.label}: {self.detail}" if self.detail else self.label]
+
+
+def pairs_from_rows(rows: Sequence[EditRow]) -> tuple[list[CaptionPair], list[SkippedRow]]:
+    """Caption pairs of the rows another node made; rows with an empty caption are skipped, not fatal."""
+    pairs, skipped = [], []
+    for row in rows:
         if not row.input_caption.strip() or not row.output_caption.strip():
-            raise ValueError(f"row {number} has an empty input or output caption; drop it or fill in both captions")
+            skipped.append(SkippedRow(row.input_caption or row.output_caption, EMPTY_CAPTION))
+            continue
         pairs.append(CaptionPair(row.input_caption, row.output_caption, row.instruction, row.group))
-    return pairs
+    return pairs, skipped
+
+
+def screen_pairs(clip, pairs: Sequence[CaptionPair]) -> tuple[list[CaptionPair], list[SkippedRow]]:
+    """The pairs whose captions the text encoder accepts, and the others with the encoder's reason.
+
+    Each caption is encoded once here and the result dropped: holding every embedding of a large chunk would
+    cost more memory than the second, batched encoding costs time. Without a CLIP nothing is screened: the
+    generation then refuses the missing CLIP itself, for every pair.
+    """
+    if clip is None:
+        return list(pairs), []
+    refusals: dict[str, str] = {}
+    usable, skipped = [], []
+    for pair in pairs:
+        for caption in (pair.input_caption, pair.output_caption):
+            if caption not in refusals:
+                refusals[caption] = _refusal(clip, caption)
+        reason = refusals[pair.input_caption] or refusals[pair.output_caption]
+        if reason:
+            skipped.append(SkippedRow(pair.input_caption, TEXT_REFUSED, reason))
+        else:
+            usable.append(pair)
+    return usable, skipped
+
+
+def _refusal(clip, caption: str) -> str:
+    """The text encoder's refusal of `caption` (too long, too many CLIP windows), or "" when it is accepted."""
+    comfy.model_management.throw_exception_if_processing_interrupted()
+    try:
+        encode_text(clip, caption)
+    except ValueError as error:
+        return str(error)
+    return ""
 
 
 def plan_samples(pair_count: int, settings: P2PSettings) -> list[SamplePlan]:
@@ -417,6 +471,16 @@ class P2PResult:
     rows: list[EditRow]
     input_images: torch.Tensor
     edited_images: torch.Tensor
+    skipped: list[SkippedRow] = field(default_factory=list)
+
+    def stats(self, pairs: int, skipped_before: Sequence[SkippedRow] = ()) -> dict:
+        """The counts as plain data (the node's ui output, read by the headless builder)."""
+        everything = [*skipped_before, *self.skipped]
+        counts: dict[str, int] = {}
+        for row in everything:
+            counts[row.label] = counts.get(row.label, 0) + 1
+        return {"pairs": pairs, "rows": len(self.rows), "skipped": counts,
+                "skipped_rows": [row.as_list() for row in everything]}
 
 
 class PairProgress:
@@ -489,15 +553,23 @@ class _Run:
 
 
 @torch.no_grad()
-def generate_pairs(model, clip, vae, pairs: Sequence[CaptionPair], settings: P2PSettings) -> P2PResult:
-    """`settings.samples_per_pair` image pairs per caption pair, in caption-pair order."""
+def generate_pairs(model, clip, vae, pairs: Sequence[CaptionPair], settings: P2PSettings,
+                   allow_empty: bool = False) -> P2PResult:
+    """`settings.samples_per_pair` image pairs per caption pair, in caption-pair order.
+
+    A sample whose images come out non-finite is skipped (listed in the result), not fatal. No pairs is an
+    error unless `allow_empty` (the rows came from another node, which may have had none to give).
+    """
     check_t2i_unet(model)
     check_settings(settings)
-    if not pairs:
+    if not pairs and not allow_empty:
         raise ValueError("no caption pairs: connect `rows` (e.g. from GenerateEditInstructions) or fill in "
                          "`caption_pairs`")
     if vae is None:
         raise ValueError("no VAE: connect the VAE output of Load Checkpoint")
+    if not pairs:
+        empty = torch.zeros(0, settings.height, settings.width, 3)
+        return P2PResult([], empty, empty.clone())
     plans = plan_samples(len(pairs), settings)
     channels = model.get_model_object("latent_format").latent_channels
     latent_shape = (channels, settings.height // LATENT_SCALE, settings.width // LATENT_SCALE)
@@ -508,11 +580,12 @@ def generate_pairs(model, clip, vae, pairs: Sequence[CaptionPair], settings: P2P
                latent_shape=latent_shape, progress=PairProgress(model, -(-len(plans) // batch) * settings.steps),
                embeddings={})
     results = [generate_batch(run, plans[start:start + batch]) for start in range(0, len(plans), batch)]
-    return P2PResult([row for rows, _, _ in results for row in rows],
-                     torch.cat([sources for _, sources, _ in results]), torch.cat([edits for _, _, edits in results]))
+    return P2PResult([row for batch_result in results for row in batch_result.rows],
+                     torch.cat([r.input_images for r in results]), torch.cat([r.edited_images for r in results]),
+                     [skip for r in results for skip in r.skipped])
 
 
-def generate_batch(run: _Run, plans: Sequence[SamplePlan]) -> tuple[list[EditRow], torch.Tensor, torch.Tensor]:
+def generate_batch(run: _Run, plans: Sequence[SamplePlan]) -> P2PResult:
     count = len(plans)
     pairs = [run.pairs[plan.pair] for plan in plans]
     captions = [pair.input_caption for pair in pairs] + [pair.output_caption for pair in pairs]
@@ -521,8 +594,14 @@ def generate_batch(run: _Run, plans: Sequence[SamplePlan]) -> tuple[list[EditRow
                            run.progress.callback(count, run.settings.steps))
     images = decode(run.vae, latents)
     sources, edits = images[:count], images[count:]
-    rows = [pair_row(pair, plan, sources[n], edits[n]) for n, (pair, plan) in enumerate(zip(pairs, plans, strict=True))]
-    return rows, sources, edits
+    # A sample that diverged (fp16 overflow, a model patch gone wrong) is dropped alone, with its seed named.
+    finite = [bool(torch.isfinite(sources[n]).all() and torch.isfinite(edits[n]).all()) for n in range(count)]
+    keep = [n for n in range(count) if finite[n]]
+    rows = [pair_row(pairs[n], plans[n], sources[n], edits[n]) for n in keep]
+    skipped = [SkippedRow(pairs[n].input_caption, NOT_FINITE, f"seed {plans[n].seed}") for n in range(count)
+               if not finite[n]]
+    index = torch.tensor(keep, dtype=torch.long)
+    return P2PResult(rows, sources.index_select(0, index), edits.index_select(0, index), skipped)
 
 
 def encode_captions(clip, captions: Sequence[str], cache: dict[str, list]) -> list[list]:

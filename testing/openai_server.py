@@ -9,7 +9,9 @@ through the real client and the real HTTP stack; nothing is mocked. It serves
 
 and is scriptable per test: replies queued with `enqueue` are served first, in order, to whichever request
 comes next; once the queue is empty a `responder` function answers (by default `snow_responder`, which
-writes a valid edit for any caption). Every request is recorded (path, headers, JSON body, arrival time),
+writes a valid edit for any caption; `ScriptedResponder` answers each caption in a scripted order of named
+kinds: good, malformed, not JSON, empty, identical, too long, cut at max_tokens, echoing the key).
+Every request is recorded (path, headers, JSON body, arrival time),
 and the server tracks how many requests were in flight at once.
 
     with FakeOpenAIServer() as server:
@@ -130,6 +132,58 @@ Responder = Callable[[RecordedRequest], Reply]
 def snow_responder(request: RecordedRequest) -> Reply:
     """A valid edit for any caption, distinct per caption: "add snow" / "<caption>, covered in snow"."""
     return Reply.ok(f"add snow\n%%\n{request.caption()}, covered in snow")
+
+
+# Named answers for `scripted`: what a misbehaving model or server sends for a caption.
+SCRIPT_KINDS = ("good", "malformed", "not_json", "empty", "identical", "too_long", "cut", "echo_key")
+
+
+def scripted_reply(kind: str, request: RecordedRequest) -> Reply:
+    """The reply of kind `kind` (SCRIPT_KINDS) to `request`."""
+    caption = request.caption()
+    if kind == "good":
+        return snow_responder(request)
+    if kind == "malformed":
+        return Reply.ok(f"add snow to {caption}")  # no separator
+    if kind == "not_json":
+        return Reply.garbage()
+    if kind == "empty":
+        return Reply.ok("")
+    if kind == "identical":
+        return Reply.ok(f"keep it as it is\n%%\n{caption.upper()}.")
+    if kind == "too_long":
+        return Reply.ok("add snow\n%%\n" + "snow " * 200)
+    if kind == "cut":
+        return Reply.ok("add snow\n%%\na photo covered in", finish_reason="length")
+    if kind == "echo_key":
+        key = request.headers.get("authorization", "").removeprefix("Bearer ")
+        return Reply.ok(f"add {' '.join(key)}\n%%\n{caption}, covered in snow")
+    raise ValueError(f"unknown scripted reply {kind!r}; use one of {SCRIPT_KINDS}")
+
+
+class ScriptedResponder:
+    """Answers each caption's requests in a scripted order, e.g. {"a cat": ["malformed", "not_json", "good"]}:
+    the first request about "a cat" gets a malformed answer, the second one not JSON, the third a good one, and
+    every later one the last kind again. Captions not in the script get `default`. Per caption, so the order
+    holds whatever the concurrency; `asked` counts the requests per caption."""
+
+    def __init__(self, script: dict[str, list[str]], default: str = "good") -> None:
+        for kinds in script.values():
+            unknown = set(kinds) - set(SCRIPT_KINDS)
+            if not kinds or unknown:
+                raise ValueError(f"script entries must be non-empty lists of {SCRIPT_KINDS}, got {kinds}")
+        self.script = {caption: list(kinds) for caption, kinds in script.items()}
+        self.default = default
+        self.asked: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, request: RecordedRequest) -> Reply:
+        caption = request.caption()
+        with self._lock:
+            count = self.asked.get(caption, 0)
+            self.asked[caption] = count + 1
+        kinds = self.script.get(caption, [self.default])
+        return scripted_reply(kinds[min(count, len(kinds) - 1)], request)
 
 
 @dataclass

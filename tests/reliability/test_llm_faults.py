@@ -92,7 +92,7 @@ def test_partial_failure_degrades_reports_and_a_rerun_asks_only_for_the_missing(
     summary = summary_of(run_prompt(graph(llm, captions)))
     assert summary.startswith("2 rows from 4 captions"), summary
     assert "failed 2" in summary or "malformed 2" in summary, summary
-    assert "2 captions got no answer" in summary, summary
+    assert "2 captions got no usable answer" in summary, summary
     assert words in summary, summary
     assert "asked again on the next run" in summary, summary
     asked = {r.caption() for r in llm.requests}
@@ -112,18 +112,22 @@ def test_partial_failure_degrades_reports_and_a_rerun_asks_only_for_the_missing(
     assert all(after[key] == line for key, line in before.items()), "answers already cached are kept unchanged"
 
 
-def test_an_answer_cut_at_max_tokens_is_paid_once_and_reported(comfy_nodes, comfy_base, llm):
+def test_an_answer_cut_at_max_tokens_is_asked_again_reported_and_never_cached(comfy_nodes, comfy_base, llm):
+    from comfyui_ip2p.dataset.instructions import ANSWER_ATTEMPTS
+
     captions = captions_of(uuid.uuid4().hex[:8], 3)
     cut = Reply.ok("add snow\n%%\na photo covered in", finish_reason="length")
     llm.set_responder(faulty_for({captions[0]}, cut))
     summary = summary_of(run_prompt(graph(llm, captions)))
     assert summary.startswith("2 rows from 3 captions") and "malformed 1" in summary, summary
     assert "truncated at max_tokens" in summary and "raise max_tokens" in summary, summary
-    # The model did answer (and was paid): the answer is kept, and a rerun reads it instead of paying again.
+    assert sum(r.caption() == captions[0] for r in llm.requests) == ANSWER_ATTEMPTS
+    assert captions[0] not in {line.get("caption") for line in cache_lines(comfy_base)}
+    # A cut answer is no real answer: it is not cached, and the rerun asks for it again.
     llm.reset()
     llm.set_responder(snow_responder)
     summary = summary_of(run_prompt(graph(llm, captions)))
-    assert llm.requests == [] and "(3 cached, 0 fetched)" in summary, summary
+    assert [r.caption() for r in llm.requests] == [captions[0]] and "(2 cached, 1 fetched)" in summary, summary
 
 
 @pytest.mark.parametrize(("fault", "advice"), [

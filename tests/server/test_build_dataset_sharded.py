@@ -145,17 +145,31 @@ def test_the_api_key_never_travels_on_the_command_line(tmp_path):
 
 
 def test_a_chunk_with_failed_llm_requests_is_not_recorded_as_done():
-    from comfyui_ip2p.dataset.instructions import InstructionStats
+    from comfyui_ip2p.dataset.instructions import IDENTICAL, InstructionStats
 
-    def summary(**counts) -> str:
-        return InstructionStats(requested=4, **counts).summary() + " (cached in output/ip2p_cache/instructions.jsonl)"
+    # Counts come as data (the nodes' ip2p_stats), never read out of their wording.
+    llm = InstructionStats(requested=4, ok=3, fetched=2, cached=1, dropped_identical=1, skipped={IDENTICAL: 1},
+                           skipped_captions=[["a cat", IDENTICAL]]).as_dict()
+    p2p = {"pairs": 3, "rows": 6, "skipped": {}, "skipped_rows": []}
+    done = bd.outcome_of(llm, p2p, new_rows=6)
+    assert (done.complete, done.new_rows, done.fetched, done.cached, done.refused) == (True, 6, 2, 1, 0)
+    assert done.skipped == {IDENTICAL: 1} and done.skipped_rows == [[bd.LLM, "a cat", IDENTICAL]]
+    failed = bd.outcome_of({**llm, "ok": 2, "failed": 2, "unanswered": 2}, p2p, new_rows=4)
+    assert not failed.complete and failed.unanswered == 2
+    refused = bd.outcome_of(llm, {**p2p, "skipped": {"caption refused by the text encoder": 1},
+                                  "skipped_rows": [["x" * 20, "caption refused by the text encoder: 22 windows"]]}, 4)
+    assert refused.complete and refused.refused == 1
+    assert refused.skipped == {IDENTICAL: 1, "caption refused by the text encoder": 1}
 
-    texts = {"GenerateEditInstructions": summary(ok=3, fetched=2, cached=1, dropped_identical=1),
-             "SaveEditDataset": "6 new rows, 10 in total, in output/ds.shards/rank-0 (diffusers)"}
-    done = bd.outcome_of(texts)
-    assert (done.complete, done.new_rows, done.fetched, done.cached) == (True, 6, 2, 1)
-    failed = bd.outcome_of({**texts, "GenerateEditInstructions": summary(ok=2, fetched=2, failed=2)})
-    assert not failed.complete and failed.failed == 2
+
+def test_the_exit_code_says_partial_whenever_rows_are_missing(capsys):
+    status = {"incomplete": 0, "unanswered": 0, "refused": 0}
+    assert bd.partial_exit([status]) == bd.EXIT_OK
+    assert bd.partial_exit([status, {**status, "incomplete": 1, "unanswered": 2}]) == bd.EXIT_PARTIAL
+    assert "asks exactly those captions again" in capsys.readouterr().err
+    assert bd.partial_exit([{**status, "refused": 1}]) == bd.EXIT_PARTIAL
+    err = capsys.readouterr().err
+    assert "refused by a node" in err and "asks exactly" not in err, "no claim of asking again what is not asked"
 
 
 def test_a_missing_captions_file_fails_before_comfyui_starts(tmp_path):
@@ -242,7 +256,7 @@ def test_torchrun_shards_the_workflow_and_merges_one_dataset(comfy_base, tiny_t2
     assert len(load_rows(layout.merged)) == expected
     assert f"dataset {args.name}: {expected} rows (0 new)" in second.stdout
     assert "rank 0: 2 captions, 0 of 1 chunks run (1 already done" in second.stdout
-    assert "rank 1: 2 captions, 1 of 1 chunks run" in second.stdout and "LLM 0 fetched / 2 cached" in second.stdout
+    assert "rank 1: 2 captions, 1 of 1 chunks run" in second.stdout and "LLM (2 cached, 0 fetched)" in second.stdout
     outputs = [p for p in (comfy_base / "output").rglob("*") if p.is_file() and args.name.split("/")[1] in str(p)]
     assert all(key.encode() not in p.read_bytes() for p in outputs)
     assert key not in first.stdout + first.stderr + second.stdout + second.stderr

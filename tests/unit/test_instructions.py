@@ -231,39 +231,87 @@ def test_rows_are_filtered_counted_and_in_input_order(server):
     ]
     stats = result.stats
     assert (stats.requested, stats.ok, stats.malformed, stats.dropped_identical, stats.duplicates) == (6, 2, 2, 1, 1)
-    # The repeated caption is one request, not two.
-    assert len(server.requests) == 5 == stats.fetched == stats.http_requests
+    # The repeated caption is one request, not two; each unusable answer is asked ANSWER_ATTEMPTS times in all.
+    assert stats.fetched == 2
+    assert len(server.requests) == 2 + 3 * ins.ANSWER_ATTEMPTS == stats.http_requests
+    assert stats.reasked == 3 * (ins.ANSWER_ATTEMPTS - 1)
     assert "malformed output: no separator" in stats.reasons
+    assert stats.skipped == {"malformed output: no separator": 1, "malformed output: multiple separators": 1,
+                             ins.IDENTICAL: 1}
+    assert sorted(stats.skipped_captions) == sorted([["c1 a boat", "malformed output: no separator"],
+                                                     ["c3 a house", "malformed output: multiple separators"],
+                                                     ["c2 a tree", ins.IDENTICAL]])
+    assert stats.retryable == 2, "malformed answers are asked again on the next run; identical ones are the model's"
     assert_counts_add_up(stats)
 
 
+def test_an_unusable_answer_is_asked_again_with_a_new_sample_then_the_good_one_is_kept(server, tmp_path):
+    cache = tmp_path / "cache.jsonl"
+    server.enqueue(Reply.ok("sink it"), Reply.garbage(), Reply.ok("do nothing\n%%\na cat"),
+                   Reply.ok("add snow\n%%\na cat in snow"))
+    result = run(server, ["a cat"], cache_path=cache, sampling=ins.Sampling(seed=7))
+    assert result.rows == [ins.EditInstruction("a cat", "add snow", "a cat in snow")]
+    assert [r.body["seed"] for r in server.requests] == [7, 8, 9, 10], "each re-ask is a new sample"
+    assert (result.stats.fetched, result.stats.reasked, result.stats.malformed) == (1, 3, 0)
+    lines = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert [(line["instruction"], line["output"]) for line in lines] == [("add snow", "a cat in snow")]
+    assert all("text" not in line for line in lines), "only the parsed row is cached, never the raw answer"
+
+
+def test_a_too_long_answer_is_asked_again_then_reported_by_name(server, tmp_path):
+    server.set_responder(lambda request: Reply.ok("add snow\n%%\n" + "snow " * 200))
+    result = run(server, ["a cat"], cache_path=tmp_path / "cache.jsonl")
+    assert result.rows == [] and len(server.requests) == ins.ANSWER_ATTEMPTS
+    assert result.stats.skipped == {"malformed output: too long (over 400 characters)": 1}
+    assert "too long" in result.stats.summary()
+    assert not (tmp_path / "cache.jsonl").exists()
+
+
+def test_a_cache_entry_that_is_not_a_usable_row_is_ignored_and_asked_again(server, tmp_path):
+    from comfyui_ip2p.dataset.instruction_cache import cache_key
+
+    cache = tmp_path / "cache.jsonl"
+    body = ins.build_request("completion", "fake-model", "a cat")
+    key = cache_key("completion", server.base_url, body)
+    legacy = {"key": key, "text": "sink it", "finish_reason": "stop"}  # the first version's raw text
+    identical = {"key": key, "instruction": "nothing", "output": "A cat."}  # a hand edit
+    for poisoned in (legacy, identical):
+        cache.write_text(json.dumps(poisoned) + "\n")
+        server.reset()
+        result = run(server, ["a cat"], cache_path=cache)
+        assert result.stats.cached == 0 and len(server.requests) == 1, poisoned
+        assert result.rows == [ins.EditInstruction("a cat", "add snow", "a cat, covered in snow")]
+    lines = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert all("text" not in line for line in lines), "raw text an older version cached is removed from the file"
+
+
 def test_garbage_model_text_is_malformed_not_a_crash(server):
-    server.enqueue(Reply.ok("\x00\x01 lorem ipsum ### %% ???"))
+    server.set_responder(lambda request: Reply.ok("\x00\x01 lorem ipsum ### %% ???"))
     result = run(server, ["a cat"])
     assert result.rows == []
     assert (result.stats.malformed, result.stats.failed) == (1, 0)
-    assert len(server.requests) == 1  # a well-formed answer is not retried
+    # A well-formed HTTP answer is not retried by the transport, only asked again for a new sample.
+    assert len(server.requests) == ins.ANSWER_ATTEMPTS
 
 
 def test_garbage_non_json_body_is_malformed_and_not_cached(server, tmp_path):
-    server.enqueue(Reply.garbage())
+    server.enqueue(*[Reply.garbage()] * ins.ANSWER_ATTEMPTS)
     cache = tmp_path / "cache.jsonl"
     result = run(server, ["a cat"], cache_path=cache)
+    assert result.stats.skipped == {ins.NOT_JSON: 1}
     assert (result.stats.malformed, result.stats.failed, result.stats.fetched) == (1, 0, 0)
     assert not cache.exists()
     # Once the server is sane again, the rerun asks again and gets a real answer.
     assert run(server, ["a cat"], cache_path=cache).stats.ok == 1
 
 
-def test_output_cut_at_max_tokens_is_malformed_even_from_cache(server, tmp_path):
+def test_output_cut_at_max_tokens_is_asked_again_and_never_cached(server, tmp_path):
     cache = tmp_path / "c.jsonl"
-    server.enqueue(Reply.ok("add snow\n%%\na cat covered in", finish_reason="length"))
-    first = run(server, ["a cat"], cache_path=cache)
-    second = run(server, ["a cat"], cache_path=cache)
-    for result in (first, second):
-        assert (result.stats.ok, result.stats.malformed) == (0, 1)
-        assert "malformed output: truncated at max_tokens" in result.stats.reasons
-    assert len(server.requests) == 1  # paid once
+    server.set_responder(lambda request: Reply.ok("add snow\n%%\na cat covered in", finish_reason="length"))
+    result = run(server, ["a cat"], cache_path=cache)
+    assert (result.stats.ok, result.stats.malformed, result.stats.unanswered) == (0, 1, 1)
+    assert "malformed output: truncated at max_tokens" in result.stats.reasons
+    assert len(server.requests) == ins.ANSWER_ATTEMPTS and not cache.exists()
 
 
 def test_wrong_shaped_json_is_retried_then_failed(server):
@@ -602,3 +650,44 @@ def test_empty_input_makes_no_requests(server):
     result = run(server, [])
     assert result.rows == [] and result.stats.requested == 0
     assert server.requests == []
+
+
+def key_forms(key: str) -> dict[str, str]:
+    """Ways a hostile endpoint may echo the key so that an exact-match redaction misses it."""
+    return {"spaced": " ".join(f"Bearer {key}"), "split": f"{key[:11]}\n   {key[11:]}", "upper": key.upper(),
+            "tab-split": "\t".join(key[i:i + 5] for i in range(0, len(key), 5)), "escaped": json.dumps(
+                f"{key[:9]}\n{key[9:]}")}
+
+
+def letters(text: str) -> str:
+    return "".join(c for c in text.lower() if c.isalnum())
+
+
+@pytest.mark.parametrize("form", ["spaced", "split", "upper", "tab-split", "escaped"])
+def test_an_echoed_key_in_any_form_is_redacted_and_never_kept(server, tmp_path, form):
+    def echo(request: RecordedRequest) -> Reply:
+        echoed = key_forms(request.headers["authorization"].removeprefix("Bearer "))[form]
+        if request.caption() == "refused":
+            return Reply.error(401, f"bad key {echoed}")
+        return Reply.ok(f"add {echoed}\n%%\n{request.caption()} in snow")  # the key inside a well-formed row
+
+    server.set_responder(echo)
+    cache = tmp_path / "cache.jsonl"
+    result = run(server, ["refused", "a cat"], cache_path=cache, mode="chat")
+    assert result.rows == [] and result.stats.skipped.get(ins.QUOTED_KEY) == 1
+    assert any(REDACTED in reason for reason in result.stats.reasons), result.stats.reasons
+    seen = letters(json.dumps(result.stats.as_dict()) + repr(result))
+    assert all(letters(SECRET)[i:i + 10] not in seen for i in range(0, len(letters(SECRET)) - 10)), seen
+    assert not cache.exists(), "an answer quoting the key is never cached"
+
+
+def test_localhost_is_reached_without_looking_the_name_up(server, monkeypatch):
+    import socket
+
+    asked = []
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: asked.append(host) or real(host, *a, **k))
+    local = ins.Endpoint(model="fake-model", base_url=f"http://localhost:{server.port}/v1", api_key_env=KEY_ENV)
+    result = ins.generate_instructions(["a cat"], local, mode="chat", retry=FAST_RETRY)
+    assert result.stats.ok == 1 and server.requests[0].headers["authorization"] == f"Bearer {SECRET}"
+    assert "localhost" not in asked and set(asked) <= {"127.0.0.1"}, asked
