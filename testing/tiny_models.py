@@ -169,21 +169,8 @@ def checkpoint_state_dict(kind: str = "ip2p", size: str = "tiny", seed: int = 0,
 
 def write_checkpoint(path: str | os.PathLike, kind: str = "ip2p", size: str = "tiny", seed: int = 0) -> Path:
     """Writes the checkpoint atomically (temp file + rename) and returns its path."""
-    import safetensors.torch
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sd = checkpoint_state_dict(kind, size, seed)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        metadata = {"comfyui_ip2p.random_model": json.dumps({"kind": kind, "size": size, "seed": seed})}
-        safetensors.torch.save_file(sd, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    metadata = {"comfyui_ip2p.random_model": json.dumps({"kind": kind, "size": size, "seed": seed})}
+    return _write_safetensors(path, checkpoint_state_dict(kind, size, seed), metadata)
 
 
 def diffusers_unet_config(layout: UNetLayout, in_channels: int) -> dict:
@@ -251,20 +238,8 @@ def sdxl_state_dict(seed: int = 0, dtype=torch.float16) -> dict:
 
 def write_sdxl_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
     """Writes the tiny SDXL-family checkpoint (atomically) and returns its path."""
-    import safetensors.torch
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(sdxl_state_dict(seed), tmp,
-                                    metadata={"comfyui_ip2p.random_model": json.dumps({"kind": "sdxl", "seed": seed})})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    metadata = {"comfyui_ip2p.random_model": json.dumps({"kind": "sdxl", "seed": seed})}
+    return _write_safetensors(path, sdxl_state_dict(seed), metadata)
 
 
 # --- a ControlNet and a LoRA that fit a given SD1.5 layout -----------------------------------------------------
