@@ -8,4 +8,4 @@ bash "$repo/scripts/setup_browser.sh" >/dev/null
 source "${IP2P_RUNTIME:-$repo/.runtime}/env.sh"
 cd "$repo"
 ruff check .
-python -m pytest -p no:cacheprovider -ra "$@"
+python -m pytest -p no:cacheprovider -ra --durations=30 "$@"

@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -199,10 +200,15 @@ def test_a_fifo_in_a_dataset_fails_fast_and_the_executor_stays_free(comfy_server
     shard_case = comfy_base / "input" / f"trust_fifo_shard_{TAG}"
     formats.write_rows(random_rows(groups=1, per_group=2, size=32), shard_case.parent, shard_case.name, "diffusers")
     fifo_in_place_of(shard_case / "data/train-00000.parquet")
-    for case in (image_case, shard_case):
-        text, seconds = outcome(comfy_server, load_graph(f"input/{case.name}"), timeout=60)
-        assert text.startswith("LoadEditDataset: ") and "is a FIFO, not a regular file" in text, text
-        assert seconds < 15, f"took {seconds:.1f} s"
+    try:
+        for case in (image_case, shard_case):
+            text, seconds = outcome(comfy_server, load_graph(f"input/{case.name}"), timeout=60)
+            assert text.startswith("LoadEditDataset: ") and "is a FIFO, not a regular file" in text, text
+            assert seconds < 15, f"took {seconds:.1f} s"
+    finally:
+        # the FIFOs would block any later test that reads every file under the shared base folder
+        shutil.rmtree(image_case)
+        shutil.rmtree(shard_case)
     interrupt(comfy_server)
     good = f"trust_after_fifo_{TAG}"
     formats.write_rows(random_rows(groups=1, per_group=1, size=32), comfy_base / "input", good, "reference")

@@ -228,6 +228,32 @@ def test_over_http_a_spaced_echo_of_the_key_stays_out_of_history_and_files(comfy
     assert files_holding_key(key, comfy_base) == [key_path], "the server log is under the base too"
 
 
+@pytest.mark.server
+def test_over_http_unknown_loopback_names_and_plain_http_never_get_the_key(comfy_server, comfy_base, key_file):
+    """Rows 7 and 8 of the issue through a real server: `*.localhost`, a trailing-dot `localhost.` and http to a
+    listed remote host are all refused before any request, and the key is in no message."""
+    key, name = key_file
+    allowed = comfy_base / "user" / "__ip2p_keys" / "allowed_hosts.txt"
+    allowed.write_text("api.openai.com\n")
+    try:
+        with FakeOpenAIServer() as llm:
+            urls = {f"http://evil.localhost:{llm.port}/v1": "a host you have not allowed",
+                    f"http://localhost.:{llm.port}/v1": "a host you have not allowed",
+                    "http://api.openai.com:8080/v1": "only over https"}
+            for url, expected in urls.items():
+                prompt_id = comfy_server.queue(graph(url, [f"a cat {uuid.uuid4().hex[:6]}"], api_key_file=name))
+                deadline = time.monotonic() + 120
+                while not (entry := comfy_server.get(f"/history/{prompt_id}").get(prompt_id)):
+                    assert time.monotonic() < deadline, "the prompt did not finish"
+                    time.sleep(0.3)
+                errors = [data for event, data in entry["status"]["messages"] if event == "execution_error"]
+                assert errors and expected in errors[0]["exception_message"], (url, errors)
+            assert llm.requests == [], "nothing may reach the endpoint"
+    finally:
+        allowed.unlink()
+    assert not holds_key(json.dumps(comfy_server.get("/history")), key)
+
+
 # --- the cache: only real answers, as parsed rows -------------------------------------------------------------------
 
 def test_only_good_answers_are_cached_and_a_rerun_asks_only_for_the_missing(quick, comfy_base):

@@ -10,6 +10,7 @@ import base64
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -52,7 +53,8 @@ def files_holding(secret: Secret, *roots: Path) -> list[str]:
         for here, _, files in os.walk(root, followlinks=False):
             for name in files:
                 path = Path(here) / name
-                if not path.is_symlink() and holds(path, secret):
+                # regular files only: a FIFO left by another test would block the read forever
+                if stat.S_ISREG(path.lstat().st_mode) and holds(path, secret):
                     found.append(str(path))
     return found
 

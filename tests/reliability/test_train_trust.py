@@ -314,3 +314,27 @@ def test_over_http_a_users_file_and_a_literal_outside_handle_are_refused(comfy_s
     assert http_outcome(comfy_server, graph(tiny_ip2p_ckpt, own, dataset, mode="lora")) == ""
     assert http_outcome(comfy_server, graph(tiny_ip2p_ckpt, own, dataset, mode="lora", steps=2)) == ""
     assert torch.load(comfy_base / "output" / "ip2p_train" / own / "state.pt", weights_only=True)["step"] == 2
+
+
+@pytest.mark.server
+def test_over_http_a_resume_with_another_dataset_and_a_run_too_large_are_refused(comfy_server, comfy_base,
+                                                                                 tiny_ip2p_ckpt, dataset,
+                                                                                 other_dataset):
+    """Rows 10 and 11 of the issue through a real server: the same checkpoint_name from a workflow with another
+    dataset is refused (never silently resumed), and a run far beyond the machine's memory is refused before
+    any work, with the figures."""
+    name = f"http_resume_{TAG}"
+    assert http_outcome(comfy_server, graph(tiny_ip2p_ckpt, name, dataset, mode="lora")) == ""
+    state = comfy_base / "output" / "ip2p_train" / name / "state.pt"
+    kept = snapshot(state.parent, comfy_base / "models" / "loras")
+    text = http_outcome(comfy_server, graph(tiny_ip2p_ckpt, name, other_dataset, mode="lora", steps=2))
+    assert "was trained from a different dataset than the one connected now" in text, text
+    assert snapshot(state.parent, comfy_base / "models" / "loras") == kept
+
+    before = written_by_runs(comfy_base)
+    started = time.monotonic()
+    text = http_outcome(comfy_server, graph(tiny_ip2p_ckpt, f"http_huge_{TAG}", dataset, batch_size=1024,
+                                            resolution=2048))
+    assert text.startswith("TrainIP2P: training is too large") and "GiB" in text, text
+    assert time.monotonic() - started < 120
+    assert written_by_runs(comfy_base) == before
