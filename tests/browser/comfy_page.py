@@ -233,6 +233,9 @@ class ComfyPage:
         node = self.page.evaluate("""id => { const n = window.app.graph.getNodeById(id);
             return {title: [n.pos[0] + 30, n.pos[1] - window.LiteGraph.NODE_TITLE_HEIGHT / 2],
                     display: n.constructor.nodeData.display_name}; }""", node_id)
+        # A click on a title soon after the previous one (the last node's, at the same spot) is a double click,
+        # which opens the title editor instead of selecting: the info button then never shows (seen in CI).
+        self.page.wait_for_timeout(600)
         x, y = self.centre_on(node["title"])
         self.page.mouse.click(x, y)
         self.page.click("[data-testid=info-button]", timeout=10_000)
