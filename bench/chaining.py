@@ -21,7 +21,7 @@ from PIL import Image
 
 
 def prepare(base: Path) -> dict:
-    from comfyui_ip2p.headless import runtime
+    from comfyui_ip2p.cli import runtime
     from comfyui_ip2p.testing import probe_nodes
     from comfyui_ip2p.testing.comfy_server import link_pack
     from comfyui_ip2p.testing.tiny_models import write_checkpoint, write_lora

@@ -16,7 +16,7 @@ Sections (--sections p2p,clip,llm):
         plain and shipped run at --plain-size only. Time is the sampling loop (median of --repeats); memory is
         the peak above the level before the loop (RSS high-water mark reset through /proc/self/clear_refs on
         CPU, torch's CUDA peak on GPUs); "whole-process" ratios add the resident model to both sides.
-  clip  CLIP filter scoring (pipeline.dataset_nodes.score_rows: decode, resize, encode, four scores) of
+  clip  CLIP filter scoring (pipeline.clip_filter.score_rows: decode, resize, encode, four scores) of
         --clip-pairs pairs: batches of 32 vs one pair per call; random CLIP (tiny, or ViT-B-32's shape).
   llm   Instruction generation (dataset.instructions.generate_instructions) for --llm-captions captions
         against testing.openai_server.FakeOpenAIServer with --llm-delay s per request: concurrency 8 vs 1.
@@ -135,7 +135,7 @@ def measure(call: Callable[[], Any], device: str) -> tuple[float, float]:
 # --- ComfyUI ----------------------------------------------------------------------------------------------------
 
 def boot(args: argparse.Namespace) -> Path:
-    from comfyui_ip2p.headless import runtime
+    from comfyui_ip2p.cli import runtime
     from comfyui_ip2p.testing.comfy_server import link_pack
 
     base = args.workdir or Path(tempfile.mkdtemp(prefix="ip2p-bench-dataset-"))
@@ -184,8 +184,8 @@ class PairSampler:
 
     def guider(self, variant: str):
         import comfy.samplers
+        from comfyui_ip2p.algorithms.p2p_attention import explicit_attention
         from comfyui_ip2p.pipeline.p2p import P2PGuider, patch_sharing, sharing_model
-        from comfyui_ip2p.samplers.p2p_attention import explicit_attention
 
         if variant == "plain":
             guider = comfy.samplers.CFGGuider(self.sdpa)
@@ -272,17 +272,17 @@ def clip_encoder(args: argparse.Namespace):
 
 
 def bench_clip(args: argparse.Namespace) -> dict[str, Any]:
-    from comfyui_ip2p.pipeline import dataset_nodes
+    from comfyui_ip2p.pipeline import clip_filter as clip_work
 
     encoder = clip_encoder(args)
     rows = random_rows(args.clip_pairs)
-    dataset_nodes.score_rows(encoder, rows[:4], 4)  # warm-up
+    clip_work.score_rows(encoder, rows[:4], 4)  # warm-up
     seconds: dict[int, list[float]] = {32: [], 1: []}
     with torch.no_grad():
         for _ in range(3):
             for batch in seconds:
                 start = time.perf_counter()
-                dataset_nodes.score_rows(encoder, rows, batch)
+                clip_work.score_rows(encoder, rows, batch)
                 seconds[batch].append(time.perf_counter() - start)
     return {"clip": args.clip, "pairs": len(rows),
             **{f"batch_{b}": len(rows) / statistics.median(s) for b, s in seconds.items()}}

@@ -136,7 +136,7 @@ class Context:
 
 
 def boot_comfy(args: argparse.Namespace, with_nodes: bool) -> dict[str, type]:
-    from comfyui_ip2p.headless import runtime
+    from comfyui_ip2p.cli import runtime
     from comfyui_ip2p.testing.comfy_server import link_pack
 
     link_pack(args.workdir)
@@ -532,7 +532,7 @@ def tiny_vae_twin(state_dict: dict):
 
 def diffusers_pipeline(ctx: Context):
     import safetensors.torch
-    from comfyui_ip2p.headless.runtime import comfyui_dir
+    from comfyui_ip2p.cli.runtime import comfyui_dir
     from comfyui_ip2p.testing.tiny_models import diffusers_twin
     from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
     from transformers import CLIPTokenizer

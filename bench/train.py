@@ -83,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def boot(args: argparse.Namespace):
     """ComfyUI in this process, the random checkpoint (written once per workdir) and its MODEL, CLIP, VAE."""
-    from comfyui_ip2p.headless import runtime
+    from comfyui_ip2p.cli import runtime
 
     runtime.boot(args.workdir, cpu=args.device == "cpu")
     import comfy.sd
@@ -98,13 +98,14 @@ def boot(args: argparse.Namespace):
 
 
 def rows_for(args: argparse.Namespace):
-    from comfyui_ip2p.training.synthetic import invert_rows
+    from comfyui_ip2p.testing.synthetic import invert_rows
 
     return invert_rows(max(16, 2 * args.batch), size=args.res, seed=0)
 
 
 def ours(args: argparse.Namespace, variant: Variant, model, clip, vae) -> tuple[Callable[[], float], dict]:
-    from comfyui_ip2p.pipeline.train_glue import Session, encoders
+    from comfyui_ip2p.pipeline.train import Session
+    from comfyui_ip2p.pipeline.trainee import encoders
     from comfyui_ip2p.training.config import TrainConfig
     from comfyui_ip2p.training.data import make_batches
     from comfyui_ip2p.training.trainer import Trainer
@@ -125,7 +126,7 @@ def ours(args: argparse.Namespace, variant: Variant, model, clip, vae) -> tuple[
 def recipe(args: argparse.Namespace, variant: Variant, model, clip, vae) -> tuple[Callable[[], float], dict]:
     """One training step as diffusers' train_instruct_pix2pix.py does it, on our loaded components."""
     import comfy.model_management
-    from comfyui_ip2p.pipeline.train_glue import encode_images, encode_texts
+    from comfyui_ip2p.pipeline.trainee import encode_images, encode_texts
     from comfyui_ip2p.testing.tiny_models import UNET_PREFIX, diffusers_twin
     from comfyui_ip2p.training.data import crop_flip, load_pair, place
     from diffusers import DDPMScheduler, UNet2DConditionModel

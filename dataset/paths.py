@@ -330,3 +330,12 @@ def _shown(path: Path, root: str | os.PathLike | None) -> str:
         with contextlib.suppress(ValueError):
             return repr(Path(os.path.abspath(path)).relative_to(os.path.abspath(root)).as_posix())
     return repr(path.name)
+
+
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    """(mtime_ns, size) of a file, None when it cannot be read: enough to notice that a file was replaced."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size

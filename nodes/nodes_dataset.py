@@ -1,5 +1,5 @@
 """Dataset nodes: LLM-written edit instructions, the CLIP direction filter and metrics, saving and loading
-datasets. The work is in pipeline/dataset_nodes.py (ComfyUI glue) over dataset/ (pure code)."""
+datasets. The work is in pipeline/instructions.py, clip_filter.py and datasets.py over dataset/ (pure code)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from comfy_api.v0_0_2 import io, ui
 from ..dataset.clip_filter import ClipFilterConfig
 from ..dataset.formats import DIFFUSERS, FORMATS
 from ..dataset.instructions import MODES
-from ..pipeline import dataset_nodes as work
+from ..pipeline import clip_filter as clip_work
+from ..pipeline import datasets, instructions
 from .errors import named_errors
 from .types import EditDataset, EditRows
 
@@ -22,7 +23,7 @@ EXAMPLE_CAPTIONS = (
 
 def clip_weights_input() -> io.Combo.Input:
     return io.Combo.Input(
-        "clip_weights", options=work.clip_weight_choices(), default=work.DEFAULT_CLIP_WEIGHTS,
+        "clip_weights", options=clip_work.clip_weight_choices(), default=clip_work.DEFAULT_CLIP_WEIGHTS,
         tooltip="CLIP weights from models/clip_filter. The paper used OpenAI's ViT-L/14: put its ViT-L-14.pt "
                 "there (nothing is downloaded). Other open_clip weights need a <same name>.json open_clip "
                 "model config beside them.")
@@ -50,7 +51,8 @@ class GenerateEditInstructions(io.ComfyNode):
             inputs=[
                 io.String.Input("captions", multiline=True, default=EXAMPLE_CAPTIONS,
                                 tooltip="Image captions, one per line. Ignored when captions_file is set."),
-                io.Combo.Input("captions_file", options=work.caption_file_choices(), default=work.NO_FILE,
+                io.Combo.Input("captions_file", options=instructions.caption_file_choices(),
+                               default=instructions.NO_FILE,
                                tooltip="A .txt (one caption a line), .jsonl (field 'caption') or .csv (column "
                                        "'caption') file from ComfyUI's input folder; 'none' uses the captions "
                                        "text."),
@@ -100,12 +102,12 @@ class GenerateEditInstructions(io.ComfyNode):
     @named_errors("GenerateEditInstructions")
     def execute(cls, captions, captions_file, base_url, model, mode, api_key_env, api_key_file, temperature,
                 frequency_penalty, max_tokens, concurrency, cache, request_seed=0) -> io.NodeOutput:
-        caption_list = work.collect_captions(captions, captions_file)
-        endpoint = work.endpoint_from(base_url, model, api_key_env, api_key_file)
-        sampling = work.sampling_from(temperature, frequency_penalty, max_tokens, request_seed)
-        rows, summary, stats = work.run_instructions(caption_list, endpoint, mode, sampling, concurrency, cache)
+        caption_list = instructions.collect_captions(captions, captions_file)
+        endpoint = instructions.endpoint_from(base_url, model, api_key_env, api_key_file)
+        sampling = instructions.sampling_from(temperature, frequency_penalty, max_tokens, request_seed)
+        rows, summary, stats = instructions.run_instructions(caption_list, endpoint, mode, sampling, concurrency, cache)
         # The counts travel as data beside the text, so readers never parse the wording.
-        return io.NodeOutput(rows, summary, ui={"text": (summary,), work.STATS_KEY: [stats]})
+        return io.NodeOutput(rows, summary, ui={"text": (summary,), instructions.STATS_KEY: [stats]})
 
 
 class CLIPDirectionFilter(io.ComfyNode):
@@ -149,9 +151,9 @@ class CLIPDirectionFilter(io.ComfyNode):
     def execute(cls, rows, clip_weights, min_sim_0, min_sim_1, min_sim_dir, min_sim_image, top_k,
                 batch_size) -> io.NodeOutput:
         config = ClipFilterConfig(min_sim_0, min_sim_1, min_sim_dir, min_sim_image, top_k or None)
-        kept, report = work.filter_rows(rows, clip_weights, config, batch_size)
-        inputs = work.preview_batch([r.input_image for r in kept], len(kept))
-        edits = work.preview_batch([r.edited_image for r in kept], len(kept))
+        kept, report = clip_work.filter_rows(rows, clip_weights, config, batch_size)
+        inputs = datasets.preview_batch([r.input_image for r in kept], len(kept))
+        edits = datasets.preview_batch([r.edited_image for r in kept], len(kept))
         return io.NodeOutput(kept, inputs, edits, report, ui=ui.PreviewText(report))
 
 
@@ -191,7 +193,7 @@ class CLIPEditMetrics(io.ComfyNode):
     @named_errors("CLIPEditMetrics")
     def execute(cls, input_images, edited_images, input_caption, output_caption, clip_weights,
                 batch_size) -> io.NodeOutput:
-        scores, report = work.edit_metrics(clip_weights, input_images, edited_images, input_caption,
+        scores, report = clip_work.edit_metrics(clip_weights, input_images, edited_images, input_caption,
                                            output_caption, batch_size)
         means = [float(getattr(scores, name).mean()) for name in ("sim_0", "sim_1", "sim_dir", "sim_image")]
         return io.NodeOutput(*means, report, ui=ui.PreviewText(report))
@@ -237,11 +239,11 @@ class SaveEditDataset(io.ComfyNode):
     @classmethod
     @named_errors("SaveEditDataset")
     def execute(cls, rows, dataset_name, format, image_format) -> io.NodeOutput:
-        path, written, total = work.save_rows(rows, dataset_name, format, image_format)
-        handle = {"path": str(work.output_root() / path), "format": format}
+        path, written, total = datasets.save_rows(rows, dataset_name, format, image_format)
+        handle = {"path": str(datasets.output_root() / path), "format": format}
         text = f"{written} new rows, {total} in total, in output/{path} ({format})"
         if total == 0:
-            text += work.EMPTY_DATASET_NOTE
+            text += datasets.EMPTY_DATASET_NOTE
         return io.NodeOutput(path, written, handle, ui=ui.PreviewText(text))
 
 
@@ -258,7 +260,7 @@ class LoadEditDataset(io.ComfyNode):
                 "and previews of the first pairs."
             ),
             inputs=[
-                io.Combo.Input("dataset", options=work.dataset_choices(),
+                io.Combo.Input("dataset", options=datasets.dataset_choices(),
                                tooltip="Datasets found in the output and input folders (folders and .parquet "
                                        "files)."),
                 io.Combo.Input("format", options=["auto", *FORMATS], default="auto",
@@ -285,19 +287,19 @@ class LoadEditDataset(io.ComfyNode):
     def fingerprint_inputs(cls, dataset, dataset_override="", **kwargs):
         # Reload when a writer added rows since the last run, although the inputs did not change.
         try:
-            return work.dataset_stamp(work.resolve_dataset(dataset, dataset_override))
+            return datasets.dataset_stamp(datasets.resolve_dataset(dataset, dataset_override))
         except (ValueError, OSError):
             return float("nan")  # never equal to itself: run, and let execute report the problem
 
     @classmethod
     @named_errors("LoadEditDataset")
     def execute(cls, dataset, format, max_rows, preview_count, dataset_override="") -> io.NodeOutput:
-        path = work.resolve_dataset(dataset, dataset_override)
-        fmt, rows = work.load_dataset_rows(path, format, max_rows)
+        path = datasets.resolve_dataset(dataset, dataset_override)
+        fmt, rows = datasets.load_dataset_rows(path, format, max_rows)
         preview = rows[:preview_count]
         return io.NodeOutput({"path": str(path), "format": fmt}, rows,
-                             work.load_preview([r.input_image for r in preview], preview_count),
-                             work.load_preview([r.edited_image for r in preview], preview_count))
+                             datasets.load_preview([r.input_image for r in preview], preview_count),
+                             datasets.load_preview([r.edited_image for r in preview], preview_count))
 
 
 NODES = [GenerateEditInstructions, CLIPDirectionFilter, CLIPEditMetrics, SaveEditDataset, LoadEditDataset]

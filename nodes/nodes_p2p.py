@@ -6,7 +6,7 @@ import comfy.samplers
 from comfy_api.v0_0_2 import io
 
 from ..dataset.instructions import skipped_text
-from ..pipeline.dataset_nodes import STATS_KEY
+from ..pipeline.instructions import STATS_KEY
 from ..pipeline.p2p import P2PSettings, generate_pairs, pairs_from_rows, parse_caption_pairs, screen_pairs
 from .errors import named_errors
 from .types import EditRows

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io, ui
 
-from ..pipeline.train_glue import train_from_node
+from ..pipeline.train import train_from_node
 from ..training.config import TrainConfig
 from .errors import named_errors
 from .types import EditDataset

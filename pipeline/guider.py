@@ -6,7 +6,7 @@ import comfy.model_management
 import comfy.samplers
 import node_helpers
 
-from ..samplers.dual_cfg import branches_needed, check_scales, combine
+from ..algorithms.dual_cfg import branches_needed, check_scales, combine
 from .attention import with_fused_attention
 
 # The branches in BRANCHES order (uncond, image, full), under the names core's Guider_DualCFG gives them.

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..dataset.records import open_image
+
 
 def reference_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     """The InstructPix2Pix reference resize: longest side near `resolution`, both sides multiples of 64.
@@ -95,3 +97,9 @@ def guidance_grid(cells: torch.Tensor, row_scales: list[float], column_scales: l
         draw.text((6, margin_top + r * height + height // 2 - 6), f"s_I = {scale:g}", fill="black")
     grid = torch.from_numpy(np.asarray(canvas).astype(np.float32) / 255.0)
     return grid.unsqueeze(0)
+
+
+def to_tensor(source) -> torch.Tensor:
+    """Any row image (PIL, path, bytes) as a ComfyUI IMAGE [1, H, W, 3] in [0, 1]."""
+    pixels = np.asarray(open_image(source).convert("RGB"), dtype=np.float32) / 255.0
+    return torch.from_numpy(pixels).unsqueeze(0)

@@ -1,4 +1,5 @@
-"""Does an edit fit in memory? Checked with ComfyUI's own estimates before any work starts.
+"""Does an edit, a pair generation or a training run fit in memory? Checked with ComfyUI's own estimates before
+any work starts.
 
 Without this, an edit far too large for the device fails late and opaquely: on a GPU with an out-of-memory
 error in the middle of sampling, on a CPU by the operating system killing ComfyUI (or hours of swapping).
@@ -11,11 +12,18 @@ A real out-of-memory error while sampling (the estimate is an estimate) becomes 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import comfy.model_management as mm
 import torch
+from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+from ..training.config import TrainConfig
+from ..training.trainer import autocast_dtype
+from .lora import ATTENTION_PROJECTIONS, CONV_IN
+from .trainee import ComfyUNet, float32_config
 
 GIB = 1024**3
 EDIT_ADVICE = ("lower `resolution` (512 suits SD1.5 models; 0 keeps the full input size), edit fewer images or "
@@ -23,6 +31,8 @@ EDIT_ADVICE = ("lower `resolution` (512 suits SD1.5 models; 0 keeps the full inp
 P2P_ADVICE = "lower width and height (512 suits SD1.5 models), or free memory by closing other programs"
 
 T = TypeVar("T")
+
+log = logging.getLogger("comfyui_ip2p.training")
 
 
 class EditTooLargeError(ValueError):
@@ -137,7 +147,7 @@ TRAINABLE_BYTES = 16
 EMA_BYTES = 4
 # What autograd saves is not all a step holds: the backward pass's gradient buffers and the allocator's slack come
 # on top. Measured for the tiny test UNet at 256 px on CPU (one step, batch 6 -> 12: peak 2.76 -> 4.22 GiB):
-# 249 MiB of process memory per sample, where the probe (pipeline.train_glue) counts 238 MiB; issue 12 saw
+# 249 MiB of process memory per sample, where the probe (pipeline.train) counts 238 MiB; issue 12 saw
 # ~0.27 GB. The factor keeps a small margin over that.
 ACTIVATION_OVERHEAD = 1.1
 # Gradient checkpointing keeps each block's input and recomputes one block at a time in the backward pass; the
@@ -193,3 +203,77 @@ def check_training(device: torch.device, fixed: int, per_sample: int, batch_size
             f"optimizer {gib(fixed)}, activations {gib(activations)} for batch_size {batch_size} at "
             f"{resolution}x{resolution}), but only {gib(available)} is available. To fix: {TRAIN_ADVICE}"
         )
+
+
+# --- memory pre-flight ------------------------------------------------------------------------------------
+
+# The activation probe runs the model at this size on the meta device and scales by area. Small on purpose: the
+# meta device's attention is PyTorch's math kernel, which saves the attention matrix (quadratic in the area),
+# while training runs the fused kernels (linear) on CPU and GPU. At 64 px the probe counted 14.9 MiB per sample
+# for the tiny test UNet (13.8 measured for real) and 37.1 MiB for the SD1.5-sized one (35.4 real).
+PROBE_RESOLUTION = 64
+# Used only when the probe cannot run (a model whose code the meta device cannot trace): the SD1.5-sized UNet's
+# probe figure at 256 px, rounded up.
+FALLBACK_PER_SAMPLE_256 = 640 * 1024**2
+# LatentBatches encodes its cache in calls of this many images (training.data: images_per_call).
+CACHE_IMAGES_PER_CALL = 16
+
+
+def meta_unet(model) -> UNetModel:
+    """The MODEL's UNet as training builds it (float32, 8 input channels), on the meta device: shapes only."""
+    base = model.model
+    config = float32_config(base)
+    config.unet_config["in_channels"] = 2 * int(base.latent_format.latent_channels)  # text-to-image gets widened
+    return type(base)(config, model_type=base.model_type, device=torch.device("meta")).diffusion_model
+
+
+def activation_bytes(unet: UNetModel, channels: int, context_dim: int, resolution: int) -> int:
+    """Bytes one training sample's forward pass keeps for the backward pass, at `resolution`."""
+    side = PROBE_RESOLUTION // 8
+    trainee = ComfyUNet(unet)
+
+    def forward(batch: int) -> None:
+        x = torch.zeros(batch, 2 * channels, side, side, device="meta")
+        context = torch.zeros(batch, 77, context_dim, device="meta")
+        trainee(x, torch.zeros(batch, device="meta"), context)
+
+    try:
+        probed = saved_activation_bytes(forward)
+    except Exception as error:  # an estimate must never be what stops a run that would have worked
+        log.warning("TrainIP2P: could not measure the model's activations (%s); assuming SD1.5's", error)
+        return int(FALLBACK_PER_SAMPLE_256 * (resolution / 256) ** 2)
+    return int(probed * (resolution / PROBE_RESOLUTION) ** 2)
+
+
+def trainable_count(unet: UNetModel, config: TrainConfig) -> int:
+    """How many weights the optimizer updates: all of the UNet's, or what make_lora adds."""
+    if config.mode != "lora":
+        return sum(p.numel() for p in unet.parameters())
+    count = dict(unet.named_modules())[CONV_IN].weight.numel()
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.endswith(ATTENTION_PROJECTIONS) and ".attn" in name:
+            count += config.lora_rank * (module.in_features + module.out_features)
+    return count
+
+
+def check_memory(model, vae, config: TrainConfig, device: torch.device) -> None:
+    """Refuses a run that cannot fit before anything is copied, encoded or trained.
+
+    Held at once while training: the float32 training copy of every UNet weight, per trainable weight its
+    gradient, AdamW state, EMA and the copy the resumable state takes, and one micro-batch's activations. On a
+    CPU, running out is not an error ComfyUI can catch: the process is killed, the server and its queue with it.
+    """
+    unet = meta_unet(model)
+    channels = int(model.model.latent_format.latent_channels)
+    context_dim = int(model.model.model_config.unet_config.get("context_dim") or 768)
+    weights = sum(p.numel() for p in unet.parameters()) * 4
+    per_weight = TRAINABLE_BYTES + (EMA_BYTES if config.uses_ema else 0)
+    fixed = weights + trainable_count(unet, config) * per_weight
+    share = CHECKPOINTED_SHARE if config.gradient_checkpointing else 1.0
+    if autocast_dtype(config.precision, device) is not None:
+        share *= AUTOCAST_SHARE
+    per_sample = int(activation_bytes(unet, channels, context_dim, config.resolution) * ACTIVATION_OVERHEAD * share)
+    images = CACHE_IMAGES_PER_CALL if config.cache_latents else 2 * config.batch_size
+    encode = 0 if vae is None else int(vae.memory_used_encode([images, 3, config.resolution, config.resolution],
+                                                              vae.vae_dtype))
+    check_training(device, fixed, per_sample, config.batch_size, config.resolution, encode)

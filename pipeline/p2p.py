@@ -6,7 +6,7 @@ the edited image (output caption) are denoised together in one model batch laid 
 - both images of a sample start from the same noise and receive the same ancestral noise at every step;
 - each sample has its own p ~ U(p_min, p_max) and cfg ~ U(cfg_min, cfg_max); CFG is applied per row;
 - at step i of N, while p > i / (N - 1), every self-attention layer of the edited image uses the source's
-  queries and keys with its own values: attention(q_src, k_src, v_edit) (samplers/p2p_attention.py). That is
+  queries and keys with its own values: attention(q_src, k_src, v_edit) (algorithms/p2p_attention.py). That is
   one call of ComfyUI's optimized attention over the whole batch; no attention matrix is ever built here.
 
 The sharing is an attn1 replace patch on a clone of the MODEL (`patch_sharing`), so the caller's model is
@@ -36,9 +36,9 @@ from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 from PIL import Image
 
+from ..algorithms.p2p_attention import CFG_RANGE, P_RANGE, AttentionFn, blocks_src_index, sample_p2p_params, sharing_on
 from ..dataset.instructions import excerpt
 from ..dataset.records import EditRow
-from ..samplers.p2p_attention import CFG_RANGE, P_RANGE, AttentionFn, blocks_src_index, sample_p2p_params, sharing_on
 from . import memory
 from .attention import with_fused_attention
 from .edit import SamplingSettings, decode, encode_text, sigmas_for

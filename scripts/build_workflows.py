@@ -25,8 +25,8 @@ EDIT_NOTE = (
 
 
 def boot(base: Path) -> dict:
-    from comfyui_ip2p.headless import runtime
-    from comfyui_ip2p.headless.workflow import object_info_in_process
+    from comfyui_ip2p.cli import runtime
+    from comfyui_ip2p.cli.workflow import object_info_in_process
     from comfyui_ip2p.testing.comfy_server import link_pack
 
     (base / "models/checkpoints").mkdir(parents=True)

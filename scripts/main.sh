@@ -8,4 +8,4 @@ bash "$repo/scripts/setup.sh"
 # shellcheck disable=SC1091
 source "${IP2P_RUNTIME:-$repo/.runtime}/env.sh"
 cd "$repo"
-exec python -m comfyui_ip2p.headless.main "$@"
+exec python -m comfyui_ip2p.cli.edit "$@"

@@ -13,7 +13,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from ..headless.runtime import run_prompt
+from ..cli.runtime import run_prompt
 
 STEPS, SEED, SAMPLER = 3, 11, "euler_ancestral"
 INSTRUCTION = "make it winter"

@@ -19,7 +19,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from ..headless.runtime import prepare_base
+from ..cli.runtime import prepare_base
 
 
 def free_port() -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..headless.workflow import _has_control_widget, _input_defs, _is_widget
+from ..cli.workflow import _has_control_widget, _input_defs, _is_widget
 
 
 @dataclass

@@ -31,7 +31,7 @@ def models_released_before_exit():
 @pytest.fixture(scope="session")
 def comfy_base(tmp_path_factory) -> Path:
     """A ComfyUI base directory booted in this process, with this pack in its custom_nodes."""
-    from comfyui_ip2p.headless import runtime
+    from comfyui_ip2p.cli import runtime
     from comfyui_ip2p.testing.comfy_server import link_pack
 
     base = tmp_path_factory.mktemp("comfy_base")
@@ -44,7 +44,7 @@ def comfy_base(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def comfy_nodes(comfy_base) -> dict:
-    from comfyui_ip2p.headless import runtime
+    from comfyui_ip2p.cli import runtime
 
     return runtime.load_nodes()
 
@@ -70,7 +70,7 @@ def tiny_t2i_ckpt(comfy_base) -> str:
 @pytest.fixture(scope="session")
 def comfy_server(comfy_base, tiny_ip2p_ckpt, tiny_t2i_ckpt):
     """A real ComfyUI server on 127.0.0.1 sharing the session's base folder; always stopped."""
-    from comfyui_ip2p.headless.runtime import comfyui_dir
+    from comfyui_ip2p.cli.runtime import comfyui_dir
     from comfyui_ip2p.testing.comfy_server import ComfyServer
 
     server = ComfyServer(comfyui_dir(), comfy_base)

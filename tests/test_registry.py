@@ -91,7 +91,7 @@ def default_matches(cell: str, default) -> bool:
 # --- fixtures ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def object_info(comfy_nodes) -> dict:
-    from comfyui_ip2p.headless.workflow import object_info_in_process
+    from comfyui_ip2p.cli.workflow import object_info_in_process
 
     info = object_info_in_process()
     assert info["SaveImage"]["output_node"] and not info["VAEDecode"]["output_node"]
@@ -190,7 +190,7 @@ def check_against_definitions(prompt: dict, object_info: dict) -> None:
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
 def test_workflow_converts_offline_with_comfy_cli_and_matches_the_nodes(object_info, tmp_path, path):
     from comfy_cli.workflow_to_api import convert_ui_to_api
-    from comfyui_ip2p.headless.workflow import ui_to_api
+    from comfyui_ip2p.cli.workflow import ui_to_api
 
     ui = json.loads(path.read_text())
     prompt = convert_ui_to_api(ui, object_info)
@@ -322,7 +322,7 @@ NO_EDITABLE_PACK = textwrap.dedent("""\
 @pytest.mark.server
 def test_published_archive_installs_into_a_fresh_comfyui(staged, tmp_path, monkeypatch):
     from comfy_cli.registry.config_parser import extract_node_configuration
-    from comfyui_ip2p.headless.runtime import comfyui_dir
+    from comfyui_ip2p.cli.runtime import comfyui_dir
     from comfyui_ip2p.testing import comfy_server
 
     archive_files(staged)  # builds node.zip

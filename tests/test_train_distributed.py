@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from comfyui_ip2p.training.synthetic import invert_rows
+from comfyui_ip2p.testing.synthetic import invert_rows
 
 pytestmark = pytest.mark.slow
 
 STEPS = 6
-CLI = ["-m", "comfyui_ip2p.training.cli"]
+CLI = ["-m", "comfyui_ip2p.cli.train"]
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,6 @@
 config (hyper-parameters), data (datasets -> augmented, encoded batches; latent cache), dropout (the paper's
 conditioning dropout), objective (noising and eps/v targets), ema, trainer (the loop, accumulation,
 clipping, autocast, resumable state), distributed (data-parallel over torch.distributed), files (atomic
-writes), plots (loss curve, validation grid), synthetic (a learnable toy task and toy model), cli (command
-line; boots ComfyUI only when it runs). The ComfyUI side is pipeline/train_glue.py.
+writes), plots (loss curve, validation grid), identity (run ids and resume fingerprints). The ComfyUI side is
+pipeline/train.py (with pipeline/trainee.py, lora.py and memory.py); the command line is cli/train.py.
 """

@@ -11,7 +11,7 @@ from io import BytesIO
 
 import pytest
 from comfy_page import TEMPLATES, VIRTUAL_NODES
-from comfyui_ip2p.headless.workflow import ui_to_api
+from comfyui_ip2p.cli.workflow import ui_to_api
 from PIL import Image
 
 pytestmark = [pytest.mark.browser, pytest.mark.server]

@@ -12,10 +12,10 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from comfyui_ip2p.cli.runtime import run_prompt
 from comfyui_ip2p.dataset.clip_filter import ClipEncoder
 from comfyui_ip2p.dataset.formats import FORMATS, write_rows
 from comfyui_ip2p.dataset.records import EditRow
-from comfyui_ip2p.headless.runtime import run_prompt
 from comfyui_ip2p.testing.edit_rows import random_rows
 from comfyui_ip2p.testing.openai_server import FakeOpenAIServer, Reply
 from comfyui_ip2p.testing.tiny_clip import TINY_CLIP, write_tiny_clip
@@ -296,7 +296,7 @@ def test_weights_that_do_not_fit_their_config_are_explained(comfy_nodes, comfy_b
 
 
 def test_clip_model_is_kept_between_runs_until_its_file_changes(comfy_nodes, comfy_base, tiny_clip):
-    from comfyui_ip2p.pipeline.dataset_nodes import load_encoder
+    from comfyui_ip2p.pipeline.clip_filter import load_encoder
 
     first = load_encoder(tiny_clip)
     assert load_encoder(tiny_clip) is first

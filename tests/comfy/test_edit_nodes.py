@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from comfyui_ip2p.headless.runtime import run_prompt
+from comfyui_ip2p.cli.runtime import run_prompt
 from PIL import Image
 
 SETTINGS = {"steps": 3, "seed": 7, "sampler_name": "euler_ancestral", "scheduler": "normal"}

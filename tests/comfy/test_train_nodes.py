@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 import torch
+from comfyui_ip2p.cli.runtime import run_prompt
 from comfyui_ip2p.dataset.formats import write_rows
-from comfyui_ip2p.headless.runtime import run_prompt
-from comfyui_ip2p.training.synthetic import INSTRUCTION, invert_rows
+from comfyui_ip2p.testing.synthetic import INSTRUCTION, invert_rows
 
 TRAIN = {"mode": "full", "steps": 4, "batch_size": 2, "grad_accumulation": 1, "learning_rate": 1e-4,
          "resolution": 32, "seed": 0, "ema_decay": 0.9, "cache_latents": True, "gradient_checkpointing": False,
@@ -212,7 +212,7 @@ def test_bad_checkpoint_name_is_refused_naming_the_node(comfy_nodes, comfy_base,
 def test_batched_text_encoding_equals_encoding_one_by_one(comfy_base, tiny_ip2p_ckpt):
     from comfyui_ip2p.pipeline.edit import encode_text
     from comfyui_ip2p.pipeline.loading import load_ip2p
-    from comfyui_ip2p.pipeline.train_glue import encode_texts
+    from comfyui_ip2p.pipeline.trainee import encode_texts
 
     clip = load_ip2p(tiny_ip2p_ckpt)[1]
     texts = ["make it winter", "", "turn the sky pink and add a boat"]
@@ -223,7 +223,7 @@ def test_batched_text_encoding_equals_encoding_one_by_one(comfy_base, tiny_ip2p_
 
 def test_cached_latents_equal_encoding_every_step_on_the_real_vae(comfy_base, tiny_ip2p_ckpt):
     from comfyui_ip2p.pipeline.loading import load_ip2p
-    from comfyui_ip2p.pipeline.train_glue import encoders
+    from comfyui_ip2p.pipeline.trainee import encoders
     from comfyui_ip2p.training.data import LatentBatches, PixelBatches
 
     _, clip, vae = load_ip2p(tiny_ip2p_ckpt)
@@ -240,7 +240,8 @@ def test_training_learns_to_invert_colours(comfy_base, tiny_ip2p_ckpt):
     """Held-out shapes: after training, the edit is much closer to the inverted image than before."""
     from comfyui_ip2p.pipeline.edit import SamplingSettings, edit_latents, encode_text
     from comfyui_ip2p.pipeline.loading import load_ip2p
-    from comfyui_ip2p.pipeline.train_glue import RunFiles, encode_images, run_training
+    from comfyui_ip2p.pipeline.train import RunFiles, run_training
+    from comfyui_ip2p.pipeline.trainee import encode_images
     from comfyui_ip2p.training.config import TrainConfig
     from comfyui_ip2p.training.data import to_tensor
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from comfyui_ip2p.headless.runtime import RunResult, run_prompt
+from comfyui_ip2p.cli.runtime import RunResult, run_prompt
 from comfyui_ip2p.testing import probe_nodes
 from comfyui_ip2p.testing.probe_nodes import inspected
 from comfyui_ip2p.testing.tiny_clip import write_tiny_clip
@@ -49,7 +49,7 @@ def prepared(comfy_base: Path, tiny_ip2p_ckpt: str, tiny_t2i_ckpt: str) -> Itera
     """Probe nodes registered; a tiny SDXL-family checkpoint, broken checkpoint files, CLIP-filter weights
     and a small dataset in the session's base folder (the checkpoints are removed afterwards)."""
     from comfyui_ip2p.dataset.formats import write_rows
-    from comfyui_ip2p.training.synthetic import invert_rows
+    from comfyui_ip2p.testing.synthetic import invert_rows
 
     probe_nodes.register()
     tag = uuid.uuid4().hex[:6]

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from comfyui_ip2p.cli.runtime import run_prompt
 from comfyui_ip2p.dataset.formats import load_rows, write_rows
 from comfyui_ip2p.dataset.paths import is_temp
 from comfyui_ip2p.dataset.records import EditRow
-from comfyui_ip2p.headless.runtime import run_prompt
 from comfyui_ip2p.testing.edit_rows import random_rows
 from comfyui_ip2p.testing.tiny_clip import write_tiny_clip
 from PIL import Image
@@ -350,7 +350,7 @@ def save_node(rows: list, name: str, fmt: str) -> dict:
 def test_cancel_during_clip_filtering_stops_between_batches_and_writes_nothing(comfy_nodes, comfy_base,
                                                                                 source_rows):
     import open_clip.transformer
-    from comfyui_ip2p.pipeline.dataset_nodes import load_encoder
+    from comfyui_ip2p.pipeline.clip_filter import load_encoder
 
     weights = write_tiny_clip(comfy_base / "models" / "clip_filter", "tiny_clip_cancel", seed=3)
     source, rows = source_rows

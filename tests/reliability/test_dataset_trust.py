@@ -19,9 +19,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from comfyui_ip2p.cli.runtime import run_prompt
 from comfyui_ip2p.dataset import formats
 from comfyui_ip2p.dataset.format_parquet import arrow_schema
-from comfyui_ip2p.headless.runtime import run_prompt
 from comfyui_ip2p.testing.edit_rows import random_rows
 from PIL import Image
 
@@ -297,7 +297,7 @@ def test_load_edit_dataset_reads_exactly_the_rows_written(comfy_nodes, comfy_bas
 
 
 def test_previews_of_large_images_stay_within_the_budget(comfy_nodes, comfy_base):
-    from comfyui_ip2p.pipeline.dataset_nodes import PREVIEW_BATCH_PIXELS, PREVIEW_IMAGE_PIXELS
+    from comfyui_ip2p.pipeline.datasets import PREVIEW_BATCH_PIXELS, PREVIEW_IMAGE_PIXELS
 
     big = [formats.EditRow("a", "b", "c", Image.new("RGB", (3000, 2400), (i * 40, 90, 30)),
                            Image.new("RGB", (3000, 2400), (30, i * 40, 90)), seed=i) for i in range(3)]

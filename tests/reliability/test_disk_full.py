@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 WORKER = r"""
 import json, resource, signal, sys
-from comfyui_ip2p.headless import runtime
+from comfyui_ip2p.cli import runtime
 
 runtime.boot(sys.argv[1], cpu=True)
 runtime.load_nodes()

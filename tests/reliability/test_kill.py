@@ -18,14 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from comfyui_ip2p.cli.runtime import comfyui_dir
 from comfyui_ip2p.dataset.formats import load_rows, write_rows
 from comfyui_ip2p.dataset.paths import is_temp, read_jsonl
-from comfyui_ip2p.headless.runtime import comfyui_dir
 from comfyui_ip2p.testing.comfy_server import ComfyServer
 from comfyui_ip2p.testing.openai_server import FakeOpenAIServer
+from comfyui_ip2p.testing.synthetic import invert_rows
 from comfyui_ip2p.testing.tiny_clip import write_tiny_clip
 from comfyui_ip2p.testing.tiny_models import write_checkpoint
-from comfyui_ip2p.training.synthetic import invert_rows
 from PIL import Image
 
 # comfy_base boots ComfyUI in this process too: the tiny model writer builds ComfyUI's own modules.

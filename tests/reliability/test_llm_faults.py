@@ -11,8 +11,8 @@ import uuid
 from collections.abc import Callable
 
 import pytest
+from comfyui_ip2p.cli.runtime import run_prompt
 from comfyui_ip2p.dataset.instructions import RetryPolicy
-from comfyui_ip2p.headless.runtime import run_prompt
 from comfyui_ip2p.testing.openai_server import FakeOpenAIServer, RecordedRequest, Reply, snow_responder
 
 TIMEOUT_S = 0.5  # the node's per-request timeout during these tests (60 s in production)

@@ -20,6 +20,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from comfyui_ip2p.cli import build_dataset as bd
+from comfyui_ip2p.cli.runtime import run_prompt
 from comfyui_ip2p.dataset.formats import load_rows
 from comfyui_ip2p.dataset.instruction_cache import cache_key
 from comfyui_ip2p.dataset.instructions import (
@@ -32,8 +34,6 @@ from comfyui_ip2p.dataset.instructions import (
     Sampling,
     build_request,
 )
-from comfyui_ip2p.headless import build_dataset as bd
-from comfyui_ip2p.headless.runtime import run_prompt
 from comfyui_ip2p.testing.openai_server import FakeOpenAIServer, RecordedRequest, Reply, ScriptedResponder
 from comfyui_ip2p.testing.tiny_clip import write_tiny_clip
 
@@ -365,7 +365,7 @@ def build(base: Path, llm: FakeOpenAIServer, captions: Path, name: str, ckpt: st
     key = tmp_path / "key"
     if not key.exists():
         key.write_text(f"sk-build-{uuid.uuid4().hex}")
-    cmd = [sys.executable, "-m", "comfyui_ip2p.headless.build_dataset", "--captions", str(captions), "--name", name,
+    cmd = [sys.executable, "-m", "comfyui_ip2p.cli.build_dataset", "--captions", str(captions), "--name", name,
            "--checkpoint", ckpt, "--base-url", llm.base_url, "--model", "fake-model", "--api-key-file", str(key),
            "--clip-weights", clip, "--samples-per-pair", "1", "--steps", "1", "--size", "64", "--batch-size", "4",
            "--min-sim-0", "-1", "--min-sim-1", "-1", "--min-sim-dir", "-1", "--min-sim-image", "-1",

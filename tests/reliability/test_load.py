@@ -29,7 +29,7 @@ def rss_mib(pid: int) -> float:
 @pytest.fixture(scope="module")
 def load_server(tmp_path_factory, comfy_base, tiny_ip2p_ckpt):
     """A server of its own (its own base folder), so its memory is ours alone."""
-    from comfyui_ip2p.headless.runtime import comfyui_dir
+    from comfyui_ip2p.cli.runtime import comfyui_dir
     from comfyui_ip2p.testing.comfy_server import ComfyServer
 
     base = tmp_path_factory.mktemp("load_base")

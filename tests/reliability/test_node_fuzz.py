@@ -18,7 +18,7 @@ import shutil
 import uuid
 
 import pytest
-from comfyui_ip2p.headless.runtime import RunResult, run_prompt
+from comfyui_ip2p.cli.runtime import RunResult, run_prompt
 from comfyui_ip2p.testing.openai_server import FakeOpenAIServer
 from comfyui_ip2p.testing.probe_nodes import FILLS, inspected
 from hypothesis import HealthCheck, given, settings

@@ -18,9 +18,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from comfyui_ip2p.cli.runtime import format_error, run_prompt
 from comfyui_ip2p.dataset.formats import write_rows
 from comfyui_ip2p.dataset.records import EditRow
-from comfyui_ip2p.headless.runtime import format_error, run_prompt
 from comfyui_ip2p.testing.openai_server import FakeOpenAIServer
 from PIL import Image
 

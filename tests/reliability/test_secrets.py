@@ -18,10 +18,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+from comfyui_ip2p.cli.runtime import run_prompt
+from comfyui_ip2p.cli.workflow import ui_to_api
 from comfyui_ip2p.dataset.instructions import RetryPolicy
 from comfyui_ip2p.dataset.llm_client import PLACEHOLDER_KEY
-from comfyui_ip2p.headless.runtime import run_prompt
-from comfyui_ip2p.headless.workflow import ui_to_api
 from comfyui_ip2p.testing.openai_server import FakeOpenAIServer, RecordedRequest, Reply, snow_responder
 from comfyui_ip2p.testing.workflow_builder import UIWorkflow
 from PIL import Image
@@ -104,10 +104,9 @@ def key_file(comfy_base):
 
 @pytest.fixture()
 def quick_retries(monkeypatch):
-    from comfyui_ip2p.pipeline import dataset_nodes
-
-    monkeypatch.setattr(dataset_nodes, "LLM_RETRY", RetryPolicy(max_attempts=2, backoff_base=0.01, backoff_max=0.02))
-    monkeypatch.setattr(dataset_nodes, "LLM_TIMEOUT_S", 2.0)
+    from comfyui_ip2p.pipeline import instructions as instruction_work
+    monkeypatch.setattr(instruction_work, "LLM_RETRY", RetryPolicy(max_attempts=2, backoff_base=0.01, backoff_max=0.02))
+    monkeypatch.setattr(instruction_work, "LLM_TIMEOUT_S", 2.0)
 
 
 def instruction_inputs(base_url: str, **overrides) -> dict:
@@ -353,7 +352,7 @@ def test_headless_builder_with_a_key_echoing_endpoint_prints_and_writes_no_key(c
     env = {k: v for k, v in os.environ.items() if not k.endswith("API_KEY")}
     with FakeOpenAIServer(responder=echoing_401) as llm:
         done = subprocess.run(
-            [sys.executable, "-m", "comfyui_ip2p.headless.build_dataset", "--captions", str(captions), "--name", name,
+            [sys.executable, "-m", "comfyui_ip2p.cli.build_dataset", "--captions", str(captions), "--name", name,
              "--checkpoint", tiny_t2i_ckpt, "--base-url", llm.base_url, "--model", "fake-model", "--api-key-file",
              str(key_path), "--samples-per-pair", "1", "--steps", "1", "--size", "64", "--base-dir", str(comfy_base)],
             capture_output=True, text=True, timeout=600, env={**env, "PYTHONUNBUFFERED": "1"})

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from comfyui_ip2p.cli.runtime import format_error, run_prompt
 from comfyui_ip2p.dataset.formats import write_rows
-from comfyui_ip2p.headless.runtime import format_error, run_prompt
-from comfyui_ip2p.training.synthetic import invert_rows
+from comfyui_ip2p.testing.synthetic import invert_rows
 
 TAG = uuid.uuid4().hex[:8]
 SETTINGS = {"mode": "full", "steps": 1, "batch_size": 1, "grad_accumulation": 1, "learning_rate": 1e-4,
@@ -256,7 +256,7 @@ def test_training_that_cannot_fit_is_refused_before_any_step_with_the_figures(co
 def test_the_estimate_follows_the_real_model_and_refuses_on_real_free_memory(comfy_nodes, comfy_base,
                                                                              tiny_ip2p_ckpt, dataset):
     from comfyui_ip2p.pipeline.loading import load_ip2p
-    from comfyui_ip2p.pipeline.train_glue import activation_bytes, meta_unet
+    from comfyui_ip2p.pipeline.memory import activation_bytes, meta_unet
 
     model = load_ip2p(tiny_ip2p_ckpt)[0]
     per_sample = activation_bytes(meta_unet(model), 4, 768, 256)

@@ -18,9 +18,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from comfyui_ip2p.cli import build_dataset as bd
 from comfyui_ip2p.dataset.formats import DIFFUSERS, load_rows, write_rows
 from comfyui_ip2p.dataset.records import EditRow
-from comfyui_ip2p.headless import build_dataset as bd
 from comfyui_ip2p.testing.openai_server import FakeOpenAIServer
 from comfyui_ip2p.testing.tiny_clip import write_tiny_clip
 from PIL import Image
@@ -173,7 +173,7 @@ def test_the_exit_code_says_partial_whenever_rows_are_missing(capsys):
 
 
 def test_a_missing_captions_file_fails_before_comfyui_starts(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "comfyui_ip2p.headless.build_dataset", "--captions",
+    done = subprocess.run([sys.executable, "-m", "comfyui_ip2p.cli.build_dataset", "--captions",
                            str(tmp_path / "none.txt"), "--name", "x", "--base-dir", str(tmp_path / "base")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1 and "--captions" in done.stderr and "is not a file" in done.stderr
@@ -189,7 +189,7 @@ def test_a_missing_captions_file_fails_before_comfyui_starts(tmp_path):
 def test_a_failing_rank_exits_non_zero_and_names_the_problem(comfy_base, tmp_path):
     captions = tmp_path / "captions.txt"
     captions.write_text(CAPTIONS[0] + "\n")
-    done = subprocess.run([sys.executable, "-m", "comfyui_ip2p.headless.build_dataset", "--captions", str(captions),
+    done = subprocess.run([sys.executable, "-m", "comfyui_ip2p.cli.build_dataset", "--captions", str(captions),
                            "--name", f"failing/ds_{uuid.uuid4().hex[:8]}", "--checkpoint", "missing.safetensors",
                            "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--base-dir", str(comfy_base)],
                           capture_output=True, text=True, timeout=600)
@@ -200,7 +200,7 @@ def test_a_failing_rank_exits_non_zero_and_names_the_problem(comfy_base, tmp_pat
 
 def run_build(base: Path, llm: FakeOpenAIServer, args: argparse.Namespace) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd = [*launcher, "-m", "comfyui_ip2p.headless.build_dataset", "--captions", str(args.captions),
+    cmd = [*launcher, "-m", "comfyui_ip2p.cli.build_dataset", "--captions", str(args.captions),
            "--name", args.name, "--checkpoint", args.checkpoint, "--base-url", llm.base_url, "--model", "fake-model",
            "--api-key-file", str(args.key_file), "--clip-weights", args.clip_weights,
            "--samples-per-pair", str(SAMPLES), "--steps", "2", "--size", "64", "--batch-size", "4",

@@ -9,8 +9,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from comfyui_ip2p.cli.workflow import ui_to_api
 from comfyui_ip2p.dataset.formats import load_rows
-from comfyui_ip2p.headless.workflow import ui_to_api
 from comfyui_ip2p.testing.openai_server import FakeOpenAIServer
 from comfyui_ip2p.testing.tiny_clip import write_tiny_clip
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from comfyui_ip2p.headless.workflow import ui_to_api
+from comfyui_ip2p.cli.workflow import ui_to_api
 from PIL import Image
 
 pytestmark = pytest.mark.server
@@ -103,7 +103,7 @@ def test_headless_main_writes_the_edit(tmp_path, input_image, comfy_base):
     (base / "input").mkdir(parents=True)
     source = comfy_base / "input" / input_image
     output = tmp_path / "out" / "edited.png"
-    cmd = [sys.executable, "-m", "comfyui_ip2p.headless.main", "--base-dir", str(base), "--image", str(source),
+    cmd = [sys.executable, "-m", "comfyui_ip2p.cli.edit", "--base-dir", str(base), "--image", str(source),
            "--output", str(output), "--steps", "2", "--resolution", "64", "--instruction", "make it snow"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -9,9 +9,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from comfyui_ip2p.cli.workflow import ui_to_api
 from comfyui_ip2p.dataset.formats import write_rows
-from comfyui_ip2p.headless.workflow import ui_to_api
-from comfyui_ip2p.training.synthetic import invert_rows
+from comfyui_ip2p.testing.synthetic import invert_rows
 from PIL import Image
 
 pytestmark = pytest.mark.server

@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from comfyui_ip2p.samplers.dual_cfg import branches_needed, combine
+from comfyui_ip2p.algorithms.dual_cfg import branches_needed, combine
 
 
 def reference(uncond, image, full, s_i, s_t):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfyui_ip2p.samplers import p2p_attention as p2p
+from comfyui_ip2p.algorithms import p2p_attention as p2p
 
 TOKENS = 12
 HEAD_DIM = 8

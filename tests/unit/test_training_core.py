@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from comfyui_ip2p.testing.synthetic import invert_rows, toy_encode_images, toy_encode_texts
 from comfyui_ip2p.training.config import TrainConfig, resume_mismatches
 from comfyui_ip2p.training.data import (
     Encoders,
@@ -25,7 +26,6 @@ from comfyui_ip2p.training.dropout import apply_dropout, dropout_masks
 from comfyui_ip2p.training.ema import EMA, warmup_decay
 from comfyui_ip2p.training.files import atomic_write, save_safetensors
 from comfyui_ip2p.training.objective import NoiseSchedule, scaled_linear_alphas_cumprod
-from comfyui_ip2p.training.synthetic import invert_rows, toy_encode_images, toy_encode_texts
 
 PACK = Path(__file__).resolve().parents[2]
 

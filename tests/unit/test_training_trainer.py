@@ -12,11 +12,11 @@ import statistics
 import pytest
 import torch
 import torch.multiprocessing as mp
+from comfyui_ip2p.testing.synthetic import ToyUNet, invert_rows, toy_encode_images, toy_encode_texts
 from comfyui_ip2p.training.config import TrainConfig
 from comfyui_ip2p.training.data import Encoders, make_batches
 from comfyui_ip2p.training.distributed import World
 from comfyui_ip2p.training.objective import NoiseSchedule, scaled_linear_alphas_cumprod
-from comfyui_ip2p.training.synthetic import ToyUNet, invert_rows, toy_encode_images, toy_encode_texts
 from comfyui_ip2p.training.trainer import Hooks, TrainableModel, Trainer
 
 ROWS = invert_rows(12, size=16, seed=0)

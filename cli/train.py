@@ -1,10 +1,10 @@
 """Train InstructPix2Pix from the command line, on one machine or many: the same trainer as the TrainIP2P node.
 
-    python -m comfyui_ip2p.training.cli --model sd15.safetensors --dataset my_edits --output-dir runs \\
+    python -m comfyui_ip2p.cli.train --model sd15.safetensors --dataset my_edits --output-dir runs \\
         --name my_ip2p --steps 2000 --batch-size 8
-    torchrun --nproc_per_node 4 -m comfyui_ip2p.training.cli ...          # data-parallel over 4 GPUs
-    accelerate launch -m comfyui_ip2p.training.cli ...                     # the same, through accelerate
-    torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m comfyui_ip2p.training.cli ...
+    torchrun --nproc_per_node 4 -m comfyui_ip2p.cli.train ...          # data-parallel over 4 GPUs
+    accelerate launch -m comfyui_ip2p.cli.train ...                     # the same, through accelerate
+    torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m comfyui_ip2p.cli.train ...
 
 `--model` is a single-file SD1.x checkpoint: InstructPix2Pix to fine-tune, or text-to-image to start from the
 paper's init. Writes <output-dir>/<name>.safetensors (loads in ComfyUI) and <output-dir>/<name>/ (resumable
@@ -24,8 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .config import TrainConfig
-from .distributed import World, close_world, init_world, launched_world
+from ..training.config import TrainConfig
+from ..training.distributed import World, close_world, init_world, launched_world
 
 # Set from the model, or meaningless on the command line.
 _NOT_OPTIONS = {"prediction"}
@@ -46,7 +46,7 @@ def config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m comfyui_ip2p.training.cli", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m comfyui_ip2p.cli.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="single-file SD1.x checkpoint (.safetensors or .ckpt)")
     parser.add_argument("--dataset", required=True, help="dataset folder or parquet file (any readable format)")
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     use_cuda = pick_device(world)
     init_world(world, use_cuda)
     with tempfile.TemporaryDirectory(prefix="ip2p-train-comfy-") as scratch:
-        from ..headless import runtime
+        from ..cli import runtime
 
         runtime.boot(args.comfyui_base or scratch, cpu=not use_cuda)
         return train(args, config, world)
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 def train(args: argparse.Namespace, config: TrainConfig, world: World) -> int:
     import comfy.sd
 
-    from ..pipeline.train_glue import RunFiles, run_training
+    from ..pipeline.train import RunFiles, run_training
 
     if not Path(args.model).is_file():
         raise SystemExit(f"--model {args.model}: no such file")

@@ -1,6 +1,6 @@
 """Headless edit: runs the shipped InstructEdit workflow through ComfyUI and writes the edited image.
 
-    python -m comfyui_ip2p.headless.main --image photo.jpg --instruction "make it winter" --output out.png
+    python -m comfyui_ip2p.cli.edit --image photo.jpg --instruction "make it winter" --output out.png
 
 With no InstructPix2Pix checkpoint in ComfyUI's models/checkpoints it builds a small random one (the
 embedded default) so the whole path runs anywhere; its output is noise, and it says so loudly.
@@ -65,7 +65,7 @@ def find_ip2p_checkpoint() -> str | None:
 def embedded_default() -> str:
     import folder_paths
 
-    from ..testing.tiny_models import write_checkpoint
+    from ..pipeline.random_model import write_checkpoint
 
     target = Path(folder_paths.get_folder_paths("checkpoints")[0]) / DEFAULT_MODEL
     if not target.exists():

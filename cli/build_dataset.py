@@ -1,8 +1,8 @@
 """Headless, sharded dataset building: the shipped build_dataset workflow as a command, a share per process.
 
-    python -m comfyui_ip2p.headless.build_dataset --captions captions.txt --name my_dataset \\
+    python -m comfyui_ip2p.cli.build_dataset --captions captions.txt --name my_dataset \\
         --checkpoint v1-5-pruned-emaonly.safetensors --base-url http://127.0.0.1:8000/v1 --model MODEL
-    torchrun --nproc_per_node 8 -m comfyui_ip2p.headless.build_dataset ...        (or: accelerate launch -m ...)
+    torchrun --nproc_per_node 8 -m comfyui_ip2p.cli.build_dataset ...        (or: accelerate launch -m ...)
 
 Rank k of W (RANK / WORLD_SIZE / LOCAL_RANK, as torchrun and accelerate set them; 0 of 1 when unset) takes
 captions[k::W] and runs the SAME workflow as the canvas (example_workflows/build_dataset.json: LLM instructions ->
@@ -72,8 +72,8 @@ PROGRESS_EVERY_S = 15.0
 # After this many chunks in a row without a single usable LLM answer, the endpoint is taken to be down.
 MAX_DEAD_CHUNKS = 3
 EXIT_OK, EXIT_ERROR, EXIT_PARTIAL = 0, 1, 3  # 2 is argparse's, for a command-line error
-STATS_KEY = "ip2p_stats"  # the nodes' ui entry holding their counts as data (pipeline/dataset_nodes.STATS_KEY)
-# pipeline/dataset_nodes.EMPTY_OK_ENV: in this process a chunk without one usable LLM answer gives zero rows and its
+STATS_KEY = "ip2p_stats"  # the nodes' ui entry holding their counts as data (pipeline/instructions.STATS_KEY)
+# pipeline/instructions.EMPTY_OK_ENV: in this process a chunk without one usable LLM answer gives zero rows and its
 # counts (the chunk is then not recorded as done) instead of an error that would stop the rank.
 EMPTY_OK_ENV = "IP2P_INSTRUCTIONS_EMPTY_OK"
 LLM, P2P = "GenerateEditInstructions", "P2PPairGenerator"

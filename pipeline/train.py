@@ -30,266 +30,35 @@ import comfy.model_sampling
 import comfy.sd
 import comfy.utils
 import torch
-from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-from comfy.weight_adapter.lora import LoRAAdapter
 
 from ..dataset.formats import FORMATS
 from ..dataset.paths import resolve_inside
 from ..dataset.records import EditRow
 from ..training.config import TrainConfig
-from ..training.data import Encoders, crop_flip, load_pair, make_batches, place, read_rows
+from ..training.data import crop_flip, load_pair, make_batches, place, read_rows
 from ..training.distributed import World
 from ..training.files import atomic_write, save_bytes, save_safetensors, save_torch
 from ..training.identity import RunIdentity, check_resumable, claim_run, dataset_fingerprint, weights_fingerprint
-from ..training.objective import NoiseSchedule
 from ..training.plots import image_tensor, loss_curve, validation_grid
-from ..training.trainer import Hooks, TrainableModel, Trainer, autocast_dtype
+from ..training.trainer import Hooks, TrainableModel, Trainer
 from .edit import SamplingSettings, decode, encode_text, sample
 from .guider import make_guider
-from .loading import convert_to_ip2p, is_ip2p
-from .memory import (
-    ACTIVATION_OVERHEAD,
-    AUTOCAST_SHARE,
-    CHECKPOINTED_SHARE,
-    EMA_BYTES,
-    TRAINABLE_BYTES,
-    check_training,
-    saved_activation_bytes,
+from .lora import UNET_PREFIX, make_lora
+from .memory import check_memory
+from .trainee import (
+    ComfyUNet,
+    check_trainable,
+    checkpoint_blocks,
+    encode_images,
+    encoders,
+    noise_schedule,
+    trainable_ip2p,
+    training_base,
 )
 
 log = logging.getLogger("comfyui_ip2p.training")
 
-ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
-CONV_IN = "input_blocks.0.0"
-UNET_PREFIX = "diffusion_model."
-
-
-# --- the model ---------------------------------------------------------------------------------------------
-
-def check_trainable(model) -> None:
-    """Refuses what the trainer cannot train, before anything is copied or estimated."""
-    if model is None:
-        raise ValueError("no MODEL: connect the MODEL output of LoadIP2PModel, a checkpoint loader or ConvertToIP2P")
-    base = model.model
-    if not isinstance(base.diffusion_model, UNetModel) or base.adm_channels:
-        raise ValueError("training supports SD1.x/SD2.x-style models (no SDXL, no extra conditioning) for now; "
-                         "pick an SD1.5 InstructPix2Pix or text-to-image checkpoint")
-
-
-def trainable_ip2p(model):
-    """An 8-channel MODEL to train: IP2P as given, text-to-image through the paper's init (ConvertToIP2P)."""
-    check_trainable(model)
-    if not is_ip2p(model):
-        log.info("text-to-image model: starting from the paper's init (conv_in widened, new channels zero)")
-        model = convert_to_ip2p(model)
-    return model
-
-
-def noise_schedule(model) -> NoiseSchedule:
-    sampling = model.get_model_object("model_sampling")
-    if isinstance(sampling, comfy.model_sampling.V_PREDICTION):
-        prediction = "v"
-    elif isinstance(sampling, comfy.model_sampling.EPS) and not isinstance(sampling, comfy.model_sampling.CONST):
-        prediction = "eps"
-    else:
-        raise ValueError(f"cannot train a {type(sampling).__name__} model: only eps and v prediction are supported")
-    if not isinstance(sampling, comfy.model_sampling.ModelSamplingDiscrete):
-        raise ValueError("training needs a discrete (DDPM) noise schedule, like SD1.x and SD2.x models have")
-    return NoiseSchedule(1.0 / (1.0 + sampling.sigmas.double() ** 2), prediction)
-
-
-def patched_unet_state(model) -> dict[str, torch.Tensor]:
-    """The MODEL's UNet weights with its patches applied, as float32 CPU copies."""
-    comfy.model_management.load_models_gpu([model], force_patch_weights=True)
-    state = model.model.diffusion_model.state_dict()
-    return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in state.items()}
-
-
-def float32_config(base):
-    """A copy of a BaseModel's model config that builds float32 weights (the original config is untouched)."""
-    config = type(base.model_config).__new__(type(base.model_config))
-    config.__dict__.update(base.model_config.__dict__)
-    config.unet_config = dict(base.model_config.unet_config)
-    config.set_inference_dtype(torch.float32, None)
-    return config
-
-
-def training_base(model, device: torch.device):
-    """A float32 BaseModel of the same kind as the MODEL's, holding its patched weights."""
-    base = model.model
-    copy = type(base)(float32_config(base), model_type=base.model_type, device=device)
-    copy.diffusion_model.load_state_dict(patched_unet_state(model))
-    return copy.to(device)
-
-
-def _sdpa(func, *args, **kwargs):
-    # PyTorch's fused attention has a backward pass on every device; sub-quadratic/sage/flash may not.
-    return comfy.ldm.modules.attention.attention_pytorch(*args, **kwargs)
-
-
-class ComfyUNet(torch.nn.Module):
-    """ComfyUI's UNet as the trainer's `unet(x, t, context)`."""
-
-    def __init__(self, diffusion_model: UNetModel) -> None:
-        super().__init__()
-        self.diffusion_model = diffusion_model
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        options = {"optimized_attention_override": _sdpa}
-        return self.diffusion_model(x, timesteps=t, context=context, transformer_options=options)
-
-
-def checkpoint_blocks(unet: UNetModel) -> list[torch.nn.Module]:
-    """The layers the UNet calls one by one (res blocks, transformers, resamplers)."""
-    stages = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
-    return [layer for stage in stages if stage is not None for layer in stage if len(list(layer.parameters()))]
-
-
-class WeightDiff(torch.nn.Module):
-    """A trainable full-weight difference, applied the way ComfyUI applies weight adapters."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.diff = torch.nn.Parameter(torch.zeros_like(weight, dtype=torch.float32))
-
-    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.diff.to(weight.dtype)
-
-
-@dataclass
-class Adapters:
-    """module name -> adapter; trainable weights are named as they are saved in the LoRA file."""
-
-    modules: dict[str, torch.nn.Module] = field(default_factory=dict)
-    alpha: float = 1.0
-
-    def params(self) -> dict[str, torch.nn.Parameter]:
-        out = {}
-        for name, adapter in self.modules.items():
-            for pname, p in adapter.named_parameters():
-                if p.requires_grad:
-                    out[f"{UNET_PREFIX}{name}.{pname}"] = p
-        return out
-
-    def attach(self, unet: torch.nn.Module) -> None:
-        """(Re)installs every adapter; ComfyUI's model loading clears weight functions."""
-        modules = dict(unet.named_modules())
-        for name, adapter in self.modules.items():
-            modules[name].weight_function = [adapter]
-
-
-def make_lora(unet: UNetModel, rank: int, alpha: float) -> Adapters:
-    unet.requires_grad_(False)
-    adapters = Adapters(alpha=alpha)
-    for name, module in unet.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.endswith(ATTENTION_PROJECTIONS) and ".attn" in name:
-            adapter = LoRAAdapter.create_train(module.weight, rank=rank, alpha=alpha)
-            adapters.modules[name] = adapter.to(module.weight.device)
-    conv = dict(unet.named_modules())[CONV_IN]
-    adapters.modules[CONV_IN] = WeightDiff(conv.weight).to(conv.weight.device)
-    adapters.attach(unet)
-    return adapters
-
-
-# --- memory pre-flight ------------------------------------------------------------------------------------
-
-# The activation probe runs the model at this size on the meta device and scales by area. Small on purpose: the
-# meta device's attention is PyTorch's math kernel, which saves the attention matrix (quadratic in the area),
-# while training runs the fused kernels (linear) on CPU and GPU. At 64 px the probe counted 14.9 MiB per sample
-# for the tiny test UNet (13.8 measured for real) and 37.1 MiB for the SD1.5-sized one (35.4 real).
-PROBE_RESOLUTION = 64
-# Used only when the probe cannot run (a model whose code the meta device cannot trace): the SD1.5-sized UNet's
-# probe figure at 256 px, rounded up.
-FALLBACK_PER_SAMPLE_256 = 640 * 1024**2
-# LatentBatches encodes its cache in calls of this many images (training.data: images_per_call).
-CACHE_IMAGES_PER_CALL = 16
-
-
-def meta_unet(model) -> UNetModel:
-    """The MODEL's UNet as training builds it (float32, 8 input channels), on the meta device: shapes only."""
-    base = model.model
-    config = float32_config(base)
-    config.unet_config["in_channels"] = 2 * int(base.latent_format.latent_channels)  # text-to-image gets widened
-    return type(base)(config, model_type=base.model_type, device=torch.device("meta")).diffusion_model
-
-
-def activation_bytes(unet: UNetModel, channels: int, context_dim: int, resolution: int) -> int:
-    """Bytes one training sample's forward pass keeps for the backward pass, at `resolution`."""
-    side = PROBE_RESOLUTION // 8
-    trainee = ComfyUNet(unet)
-
-    def forward(batch: int) -> None:
-        x = torch.zeros(batch, 2 * channels, side, side, device="meta")
-        context = torch.zeros(batch, 77, context_dim, device="meta")
-        trainee(x, torch.zeros(batch, device="meta"), context)
-
-    try:
-        probed = saved_activation_bytes(forward)
-    except Exception as error:  # an estimate must never be what stops a run that would have worked
-        log.warning("TrainIP2P: could not measure the model's activations (%s); assuming SD1.5's", error)
-        return int(FALLBACK_PER_SAMPLE_256 * (resolution / 256) ** 2)
-    return int(probed * (resolution / PROBE_RESOLUTION) ** 2)
-
-
-def trainable_count(unet: UNetModel, config: TrainConfig) -> int:
-    """How many weights the optimizer updates: all of the UNet's, or what make_lora adds."""
-    if config.mode != "lora":
-        return sum(p.numel() for p in unet.parameters())
-    count = dict(unet.named_modules())[CONV_IN].weight.numel()
-    for name, module in unet.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.endswith(ATTENTION_PROJECTIONS) and ".attn" in name:
-            count += config.lora_rank * (module.in_features + module.out_features)
-    return count
-
-
-def check_memory(model, vae, config: TrainConfig, device: torch.device) -> None:
-    """Refuses a run that cannot fit before anything is copied, encoded or trained.
-
-    Held at once while training: the float32 training copy of every UNet weight, per trainable weight its
-    gradient, AdamW state, EMA and the copy the resumable state takes, and one micro-batch's activations. On a
-    CPU, running out is not an error ComfyUI can catch: the process is killed, the server and its queue with it.
-    """
-    unet = meta_unet(model)
-    channels = int(model.model.latent_format.latent_channels)
-    context_dim = int(model.model.model_config.unet_config.get("context_dim") or 768)
-    weights = sum(p.numel() for p in unet.parameters()) * 4
-    per_weight = TRAINABLE_BYTES + (EMA_BYTES if config.uses_ema else 0)
-    fixed = weights + trainable_count(unet, config) * per_weight
-    share = CHECKPOINTED_SHARE if config.gradient_checkpointing else 1.0
-    if autocast_dtype(config.precision, device) is not None:
-        share *= AUTOCAST_SHARE
-    per_sample = int(activation_bytes(unet, channels, context_dim, config.resolution) * ACTIVATION_OVERHEAD * share)
-    images = CACHE_IMAGES_PER_CALL if config.cache_latents else 2 * config.batch_size
-    encode = 0 if vae is None else int(vae.memory_used_encode([images, 3, config.resolution, config.resolution],
-                                                              vae.vae_dtype))
-    check_training(device, fixed, per_sample, config.batch_size, config.resolution, encode)
-
-
-# --- text and images ---------------------------------------------------------------------------------------
-
-def encode_texts(clip, texts: list[str]) -> torch.Tensor:
-    """[B, 77, D] in one text-encoder call: each text's first 77-token chunk (longer texts are cut, like
-    diffusers' training script does)."""
-    if clip is None:
-        raise ValueError("no CLIP: connect the CLIP output of the checkpoint loader")
-    with torch.no_grad():
-        tokens = [clip.tokenize(text) for text in texts]
-        batched = {key: [t[key][0] for t in tokens] for key in tokens[0]}
-        cond = clip.encode_from_tokens(batched)
-    return cond.reshape(len(texts), -1, cond.shape[-1]).float()
-
-
-def encode_images(vae, pixels: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] in [0, 1] -> the raw VAE latent (posterior mode, no scale factor)."""
-    if vae is None:
-        raise ValueError("no VAE: connect the VAE output of the checkpoint loader")
-    with torch.no_grad():
-        return vae.encode(pixels.movedim(1, -1)).float()
-
-
-def encoders(clip, vae) -> Encoders:
-    return Encoders(encode_images=lambda pixels: encode_images(vae, pixels),
-                    encode_texts=lambda texts: encode_texts(clip, texts))
+log = logging.getLogger("comfyui_ip2p.training")
 
 
 # --- files -------------------------------------------------------------------------------------------------
