@@ -1,1 +1,2 @@
-"""Pure math, no ComfyUI import: the dual classifier-free guidance formula and Prompt-to-Prompt attention sharing."""
+"""Pure math, no ComfyUI import: the dual classifier-free guidance formula, Prompt-to-Prompt attention sharing and
+the seed ranges."""

@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 # attn_fn(q, k, v, heads) on [B, T, heads * d] -> [B, T, heads * d]: the calling convention of ComfyUI's
 # comfy.ldm.modules.attention.optimized_attention, so a caller can pass that in unchanged.
@@ -37,68 +36,30 @@ CFG_RANGE = (7.5, 15.0)
 # ---------------------------------------------------------------------------------------------------------
 
 
-def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, T, heads * d] -> [B, heads, T, d]."""
-    batch, tokens, channels = x.shape
-    if channels % heads:
-        raise ValueError(f"{channels} channels do not split into {heads} heads")
-    return x.view(batch, tokens, heads, channels // heads).transpose(1, 2)
-
-
-def merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """[B, heads, T, d] -> [B, T, heads * d]."""
-    batch, heads, tokens, dim = x.shape
-    return x.transpose(1, 2).reshape(batch, tokens, heads * dim)
-
-
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Plain multi-head attention through torch's fused scaled_dot_product_attention."""
-    out = F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads))
-    return merge_heads(out)
-
-
-def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
-    """Reference attention that materialises softmax(q k^T / sqrt(d)) @ v; for tests, not for sampling."""
-    qh, kh, vh = split_heads(q, heads), split_heads(k, heads), split_heads(v, heads)
-    scale = qh.shape[-1] ** -0.5
-    weights = torch.softmax(qh @ kh.transpose(-1, -2) * scale, dim=-1)
-    return merge_heads(weights @ vh)
-
-
 def shared_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     heads: int,
     src_index: torch.Tensor | None,
-    attn_fn: AttentionFn | None = None,
+    attn_fn: AttentionFn,
 ) -> torch.Tensor:
-    """Attention where row r uses the attention map of row src_index[r] and its own values.
+    """Attention where row r uses the attention map of row src_index[r] and its own values: the kernel every
+    self-attention layer runs while P2PPairGenerator shares (pipeline/p2p.py's attn1 patch).
 
-    q, k, v: [B, T, heads * d] (k, v may have their own token count). src_index: long [B]; None or the
-    identity means plain attention. Keep src_index on the CPU: its checks then never wait on the GPU.
-    One attn_fn call covers the whole batch.
+    q, k, v: [B, T, heads * d] (k, v may have their own token count). src_index: long [B]; None means plain
+    attention. `attn_fn` runs the attention (ComfyUI's optimized attention when sampling); one call covers the
+    whole batch. An index on the CPU is checked and an identity index skips the gather; an index on the device
+    is used as it is, since reading its values would make every layer wait on the device (build and check it on
+    the CPU, as blocks_src_index does, then move it once).
     """
-    attn_fn = attn_fn or sdpa_attention
     if src_index is None:
         return attn_fn(q, k, v, heads)
     check_src_index(src_index, q.shape[0])
-    if is_identity(src_index):
+    if src_index.device.type == "cpu" and is_identity(src_index):
         return attn_fn(q, k, v, heads)
     index = src_index.to(q.device)
     return attn_fn(q.index_select(0, index), k.index_select(0, index), v, heads)
-
-
-def explicit_shared_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, src_index: torch.Tensor | None
-) -> torch.Tensor:
-    """Reference for shared_attention: per row, the materialised attention map of its source row."""
-    if src_index is None:
-        return explicit_attention(q, k, v, heads)
-    rows = []
-    for row, src in enumerate(src_index.tolist()):
-        rows.append(explicit_attention(q[src : src + 1], k[src : src + 1], v[row : row + 1], heads))
-    return torch.cat(rows)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -111,12 +72,13 @@ def is_identity(src_index: torch.Tensor) -> bool:
 
 
 def check_src_index(src_index: torch.Tensor, batch: int) -> None:
+    """Type and shape always; the values only on the CPU (where reading them waits on nothing)."""
     if src_index.dtype != torch.long or src_index.shape != (batch,):
         raise ValueError(
             f"src_index must be a long tensor of shape ({batch},), got {src_index.dtype} "
             f"{tuple(src_index.shape)}"
         )
-    if batch and (int(src_index.min()) < 0 or int(src_index.max()) >= batch):
+    if batch and src_index.device.type == "cpu" and (int(src_index.min()) < 0 or int(src_index.max()) >= batch):
         raise ValueError(f"src_index values must lie in [0, {batch})")
 
 
@@ -137,11 +99,6 @@ def share_indices(
         edited.add(edit)
         index[edit] = source
     return index.to(device) if device is not None else index
-
-
-def halves_src_index(batch: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """src_index for [source half; edited half] stacked along the batch."""
-    return blocks_src_index(batch, 1, device)
 
 
 def blocks_src_index(batch: int, blocks: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -174,11 +131,6 @@ def sharing_on(step_index: int, num_steps: int, p: float) -> bool:
         raise ValueError(f"step {step_index} is outside 0..{num_steps - 1}")
     progress = step_index / (num_steps - 1) if num_steps > 1 else 0.0
     return p > progress
-
-
-def sharing_schedule(num_steps: int, p: float) -> list[bool]:
-    """sharing_on for every step."""
-    return [sharing_on(i, num_steps, p) for i in range(num_steps)]
 
 
 @dataclass(frozen=True)
@@ -215,13 +167,9 @@ __all__ = [
     "AttentionFn",
     "P2PParams",
     "blocks_src_index",
-    "explicit_attention",
-    "explicit_shared_attention",
-    "halves_src_index",
+    "check_src_index",
     "sample_p2p_params",
-    "sdpa_attention",
     "share_indices",
     "shared_attention",
     "sharing_on",
-    "sharing_schedule",
 ]

@@ -184,8 +184,8 @@ class PairSampler:
 
     def guider(self, variant: str):
         import comfy.samplers
-        from comfyui_ip2p.algorithms.p2p_attention import explicit_attention
         from comfyui_ip2p.pipeline.p2p import P2PGuider, patch_sharing, sharing_model
+        from comfyui_ip2p.testing.attention import explicit_attention
 
         if variant == "plain":
             guider = comfy.samplers.CFGGuider(self.sdpa)

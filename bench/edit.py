@@ -179,8 +179,8 @@ def sd15_layout(size: str) -> UNetLayout:
 
 def write_checkpoint(path: Path, size: str, seed: int) -> None:
     """tiny_models' seeded UNet/CLIP-L/VAE tensors, with the UNet built on `sd15_layout`."""
-    import safetensors.torch
     from comfyui_ip2p.testing import tiny_models
+    from comfyui_ip2p.training.files import save_safetensors
 
     layout = sd15_layout(size)
     state_dict = tiny_models.unet_state_dict(layout, 8, seed)
@@ -188,9 +188,7 @@ def write_checkpoint(path: Path, size: str, seed: int) -> None:
     state_dict.update(tiny_models.clip_l_state_dict(seed + 1))
     vae = tiny_models.taesd_state_dict if size == "tiny" else tiny_models.kl_vae_state_dict
     state_dict.update(vae(seed + 2))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file(state_dict, str(path) + ".tmp")
-    os.replace(str(path) + ".tmp", path)
+    save_safetensors(state_dict, path)
 
 
 def check_up_path(state_dict: dict, layout: UNetLayout) -> None:

@@ -1,23 +1,24 @@
 #!/usr/bin/env bash
-# GPU figures in one short run on a lent H200 (the whole lease is 15 minutes: this must end within 8).
+# The GPU figures in one short run (a few minutes) on any CUDA machine.
 #
-#   Here, once, with the package registries (the GPU machine reaches none):
+#   On a CUDA machine with this repository set up (or with the package registries reachable):
+#       bash bench/gpu.sh
+#   For a CUDA machine without network access, first, on a set-up machine with the registries:
 #       bash bench/gpu.sh --prepare
-#     copies ComfyUI's code (no models) and the three wheels the GPU image lacks (torchsde, trampoline,
-#     diffusers) into .runtime/gpu-carry/ (git-ignored with the rest of .runtime/, about 30 MB).
-#   Then through the device tool:
-#       run(command="bash bench/gpu.sh", carry=[".runtime/gpu-carry"], timeout_s=540)
+#     copies ComfyUI's code (no models) and the three wheels a bare CUDA image usually lacks (torchsde,
+#     trampoline, diffusers) into .runtime/gpu-carry/ (git-ignored with the rest of .runtime/, about 30 MB);
+#     copy the repository with that folder to the CUDA machine and run `bash bench/gpu.sh` there.
 #
-# On the GPU machine it uses, in this order: a working .runtime/venv with CUDA; else the image's python3 (its
+# On the CUDA machine it uses, in this order: a working .runtime/venv with CUDA; else the machine's python3 (its
 # own CUDA torch) + the carried ComfyUI + wheels; else `bash scripts/setup.sh` (needs the registries).
-# It prints the benchmark tables and, when $OUT is set (device tool), leaves the JSON and logs there.
+# It prints the benchmark tables and, when $OUT names a folder, also leaves the JSON and logs there.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 carry=$repo/.runtime/gpu-carry
 workdir=${IP2P_BENCH_WORKDIR:-/tmp/ip2p-bench-gpu}
-BENCH_TIMEOUT=${IP2P_BENCH_TIMEOUT:-420}  # seconds for edit.py; leaves set-up and a rerun inside the lease
+BENCH_TIMEOUT=${IP2P_BENCH_TIMEOUT:-420}  # seconds for edit.py, so the whole run stays short
 
 log() { printf '[gpu.sh %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
@@ -29,7 +30,7 @@ prepare() {
   tar -C "$comfy" --exclude=./models --exclude=./output --exclude=./input --exclude=./temp --exclude=./user \
       --exclude=./tests --exclude=./tests-unit --exclude=__pycache__ --exclude=./custom_nodes/comfyui_ip2p \
       -cf - . | tar -C "$carry/ComfyUI" -xf -
-  # Pure-Python wheels, fetched for the GPU image's Python 3.12; --no-deps: the image has the rest.
+  # Pure-Python wheels for a CUDA image's Python 3.12; --no-deps: such an image has the rest.
   "$py" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$carry/wheels" \
       torchsde==0.2.6 trampoline==0.1.2 diffusers==0.42.1
@@ -43,7 +44,7 @@ venv_ok() {
 
 write_stub() {
   # A stand-in package for an import the benchmark never uses and the image lacks: ComfyUI imports PyAV at
-  # start-up for its video types (its wheel, ~40 MB, does not fit the carry limit beside ComfyUI); the pack
+  # start-up for its video types (its wheel, ~40 MB, is left out to keep the carried folder small); the pack
   # imports `openai` when it registers its dataset nodes (the real one needs httpx2 and pydantic, absent
   # there). Attributes are placeholder classes; any real use raises.
   local site=$1 dir
@@ -112,7 +113,7 @@ main() {
   timeout "$BENCH_TIMEOUT" "$PY" bench/edit.py --device cuda --size full --res 512 --steps 20,100 \
       --repeats 3 --variants a,b,c,d,a1 --workdir "$workdir" || log "edit.py exited with status $?"
 
-  # TRAINING BENCHMARK (another issue): its one line goes here, sized to fit what is left of the 8 minutes,
+  # TRAINING BENCHMARK (another issue): its one line goes here, bounded by its own timeout like the line above,
   # e.g.  timeout 120 "$PY" bench/train.py --device cuda --size full --res 256 --batch 16 --steps 20
 }
 

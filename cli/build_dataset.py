@@ -19,8 +19,11 @@ captions again (the others come from the LLM cache, and the writer skips rows al
 Resume with the same number of processes and chunk size (checked).
 
 One bad row never stops the build: a caption or answer a node refuses (too many CLIP windows, images that are not
-finite) is skipped with its reason, and the chunk, the rank and the merge go on. The counts come from the nodes'
-`ip2p_stats` ui entry (data, never their wording); the builder prints every skipped row by reason.
+finite) is skipped with its reason, and the chunk, the rank and the merge go on. Every count and decision comes
+from data, never from the nodes' wording: their counts under the ui key STATS_KEY (dataset/node_stats.py), and a
+chunk without one usable LLM answer is the NoUsableInstructionsError that GenerateEditInstructions raises (the
+canvas shows its message), recognised by its class and read for the counts it carries. The builder prints every
+skipped row by reason.
 
 Exit codes: 0 every caption gave its rows (the paper's own drops aside: identical edits, duplicates, the CLIP
 filter); 3 (EXIT_PARTIAL) the dataset was merged but rows are missing: captions without a usable LLM answer (a
@@ -32,66 +35,69 @@ samples_per_pair + n, so no two samples anywhere start from the same noise.
 
 Across machines, ComfyUI's output folder must be one shared filesystem: rank 0 reads every shard (checked).
 The API key comes from an environment variable or a key file, never from the command line.
+
+This module is the command: arguments, ComfyUI, the workflow, running the chunks, printing. The plan, the shard
+folders, the per-chunk records and the merge are dataset/sharding.py; the ranks meet through training/rendezvous.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import datetime
-import hashlib
 import json
 import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..dataset.formats import DIFFUSERS, FORMATS, iter_rows, open_writer
-from ..dataset.instructions import read_captions
+from ..dataset.formats import DIFFUSERS, FORMATS
+from ..dataset.instructions import NoUsableInstructionsError, read_captions, skipped_text
 from ..dataset.key_hosts import HOSTS_ENV, host_of
-from ..dataset.paths import atomic_write_json, resolve_inside
-from ..dataset.writer import read_manifest
-from ..training.distributed import World
+from ..dataset.node_stats import STATS_KEY
+from ..dataset.sharding import (
+    LLM,
+    P2P,
+    SAMPLES_PER_CHUNK,
+    BuildError,
+    Chunk,
+    ChunkOutcome,
+    Layout,
+    RankStatus,
+    check_plan,
+    check_shards_visible,
+    chunk_size_for,
+    fingerprint,
+    merge_counts,
+    merge_shards,
+    outcome_of,
+    plan_chunks,
+    rank_share,
+    read_json,
+    record_chunk,
+    shard_rows,
+)
+from ..training import rendezvous
+from ..training.distributed import World, pick_device
 from ..training.distributed import launched_world as training_world
+from . import runtime
 from .workflow import WorkflowError
 
 PACK = Path(__file__).resolve().parent.parent
 WORKFLOW = PACK / "example_workflows" / "build_dataset.json"
 # The key read from --api-key-file travels to the node through this process's environment only.
 KEY_ENV = "IP2P_BUILD_DATASET_API_KEY"
-# Images of a whole chunk are held in memory between the nodes: about this many samples per chunk.
-SAMPLES_PER_CHUNK = 256
-# Per-sample seeds stay inside a signed 64-bit integer (the P2P node's limit and the dataset's int64 column).
-SEED_LIMIT = 2**63
-POLL_S = 2.0
 PROGRESS_EVERY_S = 15.0
 # After this many chunks in a row without a single usable LLM answer, the endpoint is taken to be down.
 MAX_DEAD_CHUNKS = 3
 EXIT_OK, EXIT_ERROR, EXIT_PARTIAL = 0, 1, 3  # 2 is argparse's, for a command-line error
-STATS_KEY = "ip2p_stats"  # the nodes' ui entry holding their counts as data (pipeline/instructions.STATS_KEY)
-# pipeline/instructions.EMPTY_OK_ENV: in this process a chunk without one usable LLM answer gives zero rows and its
-# counts (the chunk is then not recorded as done) instead of an error that would stop the rank.
-EMPTY_OK_ENV = "IP2P_INSTRUCTIONS_EMPTY_OK"
-LLM, P2P = "GenerateEditInstructions", "P2PPairGenerator"
-NEEDED = ("CheckpointLoaderSimple", "GenerateEditInstructions", "P2PPairGenerator", "CLIPDirectionFilter",
-          "SaveEditDataset")
+CLIP, SAVE = "CLIPDirectionFilter", "SaveEditDataset"
+NEEDED = ("CheckpointLoaderSimple", LLM, P2P, CLIP, SAVE)
 # Canvas previews: in a headless run they would only fill the temp folder with every image.
 DROPPED = {"PreviewImage"}
-# Inputs that change where requests go or how fast a chunk runs, never which rows it makes.
-NOT_FINGERPRINTED = {
-    ("GenerateEditInstructions", "base_url"), ("GenerateEditInstructions", "api_key_env"),
-    ("GenerateEditInstructions", "api_key_file"), ("GenerateEditInstructions", "concurrency"),
-    ("GenerateEditInstructions", "cache"), ("P2PPairGenerator", "batch_size"), ("CLIPDirectionFilter", "batch_size"),
-}
-RUN_ID_VARIABLES = ("IP2P_RUN_ID", "TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID")
-
-
-class BuildError(RuntimeError):
-    """A failure the user can act on; the message says what to do."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -140,6 +146,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                          "MASTER_ADDR is set (default: the launcher's job id)")
     add("--sync-timeout-h", type=float, default=72.0,
         help="hours the ranks wait for each other at the end (default: %(default)s)")
+    runtime.add_verbose_option(parser)
     return parser.parse_args(argv)
 
 
@@ -187,7 +194,7 @@ def trust_key_host(base_url: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Ranks, shares and chunks
+# Ranks and captions
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -197,33 +204,6 @@ def launched_world(env: Mapping[str, str]) -> World:
         return training_world(env)
     except ValueError as error:
         raise BuildError(str(error)) from None
-
-
-@dataclass(frozen=True)
-class Chunk:
-    index: int  # within this rank
-    captions: tuple[str, ...]
-    seed: int  # the P2P seed of its first sample
-
-
-def rank_share(captions: Sequence[str], world: World) -> list[str]:
-    """This rank's captions: every W-th one, so appending captions later leaves earlier shares unchanged."""
-    return list(captions[world.rank::world.size])
-
-
-def chunk_size_for(requested: int, samples_per_pair: int) -> int:
-    return requested if requested > 0 else max(1, SAMPLES_PER_CHUNK // max(samples_per_pair, 1))
-
-
-def plan_chunks(share: Sequence[str], world: World, chunk_size: int, samples_per_pair: int,
-                seed: int) -> list[Chunk]:
-    """Chunks of this rank's share; chunk c is chunk c*W + rank overall and owns the seeds of that slot."""
-    chunks = []
-    for index, start in enumerate(range(0, len(share), chunk_size)):
-        overall = index * world.size + world.rank
-        first_seed = (seed + overall * chunk_size * samples_per_pair) % SEED_LIMIT
-        chunks.append(Chunk(index, tuple(share[start:start + chunk_size]), first_seed))
-    return chunks
 
 
 def read_caption_file(path: Path) -> tuple[list[str], int]:
@@ -238,100 +218,6 @@ def read_caption_file(path: Path) -> tuple[list[str], int]:
     if not unique:
         raise BuildError(f"--captions {path} holds no captions: write one caption per line")
     return unique, len(captions) - len(unique)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Folders: shards, the plan, per-rank progress and status
-# ---------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Layout:
-    output: Path
-    name: str
-
-    def __post_init__(self) -> None:
-        try:
-            resolve_inside(self.output, self.name)
-            resolve_inside(self.output, self.shards_name)
-        except ValueError as error:
-            raise BuildError(f"--name: {error}") from None
-
-    @property
-    def shards_name(self) -> str:
-        return f"{self.name.rstrip('/')}.shards"
-
-    @property
-    def merged(self) -> Path:
-        return resolve_inside(self.output, self.name)
-
-    @property
-    def shards(self) -> Path:
-        return resolve_inside(self.output, self.shards_name)
-
-    @property
-    def plan(self) -> Path:
-        return self.shards / "plan.json"
-
-    def shard_name(self, rank: int) -> str:
-        return f"{self.shards_name}/rank-{rank}"
-
-    def shard(self, rank: int) -> Path:
-        return self.shards / f"rank-{rank}"
-
-    def progress(self, rank: int) -> Path:
-        return self.shards / f"rank-{rank}.progress.json"
-
-    def status(self, rank: int) -> Path:
-        return self.shards / f"rank-{rank}.status.json"
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def check_plan(layout: Layout, world: World, chunk_size: int, fmt: str) -> None:
-    """A resumed dataset must keep the caption -> rank -> chunk assignment, or groups would be drawn twice."""
-    wanted = {"world_size": world.size, "chunk_size": chunk_size, "format": fmt}
-    found = read_json(layout.plan)
-    if found:
-        differ = {k: found.get(k) for k in wanted if found.get(k) != wanted[k]}
-        if differ:
-            raise BuildError(
-                f"{layout.name} was started with {json.dumps(found)}, this run has {json.dumps(wanted)}. Resume "
-                "it with the same number of processes, --chunk-size and --format, or choose another --name")
-        return
-    layout.shards.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(layout.plan, wanted)
-
-
-def fingerprint(prompt: Mapping[str, Any]) -> str:
-    """What decides a chunk's rows: every node's class and inputs, less those in NOT_FINGERPRINTED."""
-    material = {}
-    for node_id, node in prompt.items():
-        kind = node["class_type"]
-        inputs = {k: v for k, v in node["inputs"].items() if (kind, k) not in NOT_FINGERPRINTED}
-        material[node_id] = {"class_type": kind, "inputs": inputs}
-    text = json.dumps(material, sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
-
-
-def record_chunk(layout: Layout, rank: int, done: dict[str, Any], chunk: Chunk, mark: str,
-                 outcome: ChunkOutcome) -> None:
-    """Marks `chunk` done; what it skipped is kept with it, so a rerun that skips the chunk still reports it."""
-    done[str(chunk.index)] = {"fingerprint": mark, "captions": len(chunk.captions), "rows": outcome.new_rows,
-                              "skipped": outcome.skipped, "skipped_rows": outcome.skipped_rows,
-                              "refused": outcome.refused}
-    atomic_write_json(layout.progress(rank), {"chunks": done})
-
-
-def shard_rows(path: Path) -> int:
-    manifest = read_manifest(path)
-    return int(manifest.get("rows", 0)) if manifest else 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -375,9 +261,9 @@ def set_inputs(prompt: dict[str, dict], ids: Mapping[str, str], values: Mapping[
 def chunk_prompt(base: Mapping[str, dict], ids: Mapping[str, str], chunk: Chunk, shard_name: str) -> dict:
     prompt = copy.deepcopy(dict(base))
     set_inputs(prompt, ids, {
-        "GenerateEditInstructions": {"captions": "\n".join(chunk.captions)},
-        "P2PPairGenerator": {"seed": chunk.seed},
-        "SaveEditDataset": {"dataset_name": shard_name},
+        LLM: {"captions": "\n".join(chunk.captions)},
+        P2P: {"seed": chunk.seed},
+        SAVE: {"dataset_name": shard_name},
     })
     return prompt
 
@@ -406,48 +292,8 @@ def model_file(value: str | None, folder: str) -> str | None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ChunkOutcome:
-    complete: bool  # every caption got a usable or a final LLM answer: recorded as done
-    new_rows: int = 0
-    fetched: int = 0
-    cached: int = 0
-    unanswered: int = 0  # captions without a usable answer for a reason a rerun can fix: asked again then
-    refused: int = 0  # rows a later node refused and skipped (a rerun refuses them again)
-    skipped: dict[str, int] = field(default_factory=dict)  # every skipped row, by reason
-    skipped_rows: list[list[str]] = field(default_factory=list)  # [node, caption, reason]
-    note: str = ""
-
-
-@dataclass
-class RankStatus:
-    rank: int
-    ok: bool = True
-    error: str = ""
-    captions: int = 0
-    chunks: int = 0
-    skipped: int = 0  # chunks already done by an earlier run
-    incomplete: int = 0  # chunks not recorded as done: run with unanswered captions, or not run at all
-    new_rows: int = 0
-    shard_rows: int = 0
-    fetched: int = 0
-    cached: int = 0
-    unanswered: int = 0
-    refused: int = 0
-    skipped_by_reason: dict[str, int] = field(default_factory=dict)
-    skipped_rows: list[list[str]] = field(default_factory=list)
-    seconds: float = 0.0
-    notes: list[str] = field(default_factory=list)
-
-    def add_skips(self, counts: Mapping[str, int], rows: Sequence[Sequence[str]], refused: int) -> None:
-        for reason, count in counts.items():
-            self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + int(count)
-        self.skipped_rows += [list(row) for row in rows]
-        self.refused += int(refused)
-
-
 def node_stats(outputs: Mapping[str, Any], node_id: str, kind: str) -> dict[str, Any]:
-    """A node's counts from its ui output (`ip2p_stats`): data, so no rewording of a message can break it."""
+    """A node's counts from its ui output (STATS_KEY): data, so no rewording of a message can break it."""
     found = outputs.get(node_id, {}).get(STATS_KEY) or []
     if not found or not isinstance(found[0], dict):
         raise BuildError(f"the workflow's {kind} node reported no counts ({STATS_KEY}): use this pack's {kind} "
@@ -455,58 +301,32 @@ def node_stats(outputs: Mapping[str, Any], node_id: str, kind: str) -> dict[str,
     return found[0]
 
 
-def merge_counts(*counts: Mapping[str, int]) -> dict[str, int]:
-    merged: dict[str, int] = {}
-    for table in counts:
-        for reason, count in table.items():
-            merged[reason] = merged.get(reason, 0) + int(count)
-    return merged
+def clip_note(clip: Mapping[str, Any]) -> str:
+    pairs = int(clip.get("pairs", 0))
+    if not pairs:
+        return "no rows to filter"
+    return f"kept {clip.get('kept', 0)} of {pairs} pairs from {clip.get('caption_pairs', 0)} caption pairs"
 
 
-def outcome_of(llm: Mapping[str, Any], p2p: Mapping[str, Any], new_rows: int, note: str = "") -> ChunkOutcome:
-    """A chunk's outcome from the LLM and P2P nodes' counts.
-
-    Captions the LLM could not answer usably (transport or format) keep the chunk from being recorded as done.
-    """
-    unanswered = int(llm.get("unanswered", 0)) + int(llm.get("cancelled", 0))
-    rows = [[LLM, caption, reason] for caption, reason in llm.get("skipped_captions", [])]
-    rows += [[P2P, caption, reason] for caption, reason in p2p.get("skipped_rows", [])]
-    reasons = "; ".join(llm.get("reasons", [])[:3])
-    return ChunkOutcome(complete=unanswered == 0, new_rows=new_rows, fetched=int(llm.get("fetched", 0)),
-                        cached=int(llm.get("cached", 0)), unanswered=unanswered,
-                        refused=sum(int(c) for c in p2p.get("skipped", {}).values()),
-                        skipped=merge_counts(llm.get("skipped", {}), p2p.get("skipped", {})), skipped_rows=rows,
-                        note="; ".join(part for part in (note, reasons) if part))
-
-
-def skipped_text(counts: Mapping[str, int]) -> str:
-    return ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items(), key=lambda kv: -kv[1]))
-
-
-def progress_printer(tag: str, prompt: Mapping[str, dict]):
-    last = [time.monotonic()]
-
-    def on_event(event: str, data: Any) -> None:
-        if event == "progress" and time.monotonic() - last[0] > PROGRESS_EVERY_S:
-            last[0] = time.monotonic()
-            node = prompt.get(str(data.get("node")), {}).get("class_type", "progress")
-            print(f"{tag}   {node}: {data['value']}/{data['max']}", flush=True)
-
-    return on_event
-
-
-def run_chunk(prompt: dict, ids: Mapping[str, str], tag: str, shard: Path) -> ChunkOutcome:
-    from . import runtime
-
-    before = shard_rows(shard)
-    result = runtime.run_prompt(prompt, on_event=progress_printer(tag, prompt))
+def chunk_outcome(result: runtime.RunResult, ids: Mapping[str, str]) -> ChunkOutcome:
+    """A chunk's outcome from the run's data: the nodes' counts, or, when GenerateEditInstructions got no usable
+    answer at all, the counts its NoUsableInstructionsError carries (zero rows; the later nodes did not run).
+    Any other failure stops the rank with ComfyUI's message."""
     if not result.ok:
-        raise BuildError(runtime.format_error(result))
+        empty = result.raised(NoUsableInstructionsError)
+        if empty is None or (result.error or {}).get("node_id") != ids[LLM]:
+            raise BuildError(runtime.format_error(result))
+        return outcome_of(getattr(empty, "stats", {}), {}, new_rows=0)
     llm = node_stats(result.outputs, ids[LLM], LLM)
     p2p = node_stats(result.outputs, ids[P2P], P2P)
-    clip = "\n".join(result.outputs.get(ids["CLIPDirectionFilter"], {}).get("text", []))
-    # Rows added, from the shard's manifest: a count the writer keeps, not the Save node's wording.
-    return outcome_of(llm, p2p, shard_rows(shard) - before, clip.split("\n", 1)[0])
+    clip = node_stats(result.outputs, ids[CLIP], CLIP)
+    save = node_stats(result.outputs, ids[SAVE], SAVE)
+    return outcome_of(llm, p2p, int(save["new_rows"]), clip_note(clip))
+
+
+def run_chunk(prompt: dict, ids: Mapping[str, str], tag: str) -> ChunkOutcome:
+    printer = runtime.progress_printer(prompt, every_s=PROGRESS_EVERY_S, prefix=tag)
+    return chunk_outcome(runtime.run_prompt(prompt, on_event=printer, handled=(NoUsableInstructionsError,)), ids)
 
 
 def build_shard(args: argparse.Namespace, captions: Sequence[str], world: World, layout: Layout,
@@ -515,7 +335,7 @@ def build_shard(args: argparse.Namespace, captions: Sequence[str], world: World,
     base = load_prompt(args.workflow)
     ids = node_ids(base)
     set_inputs(base, ids, overrides_from(with_model_names(args)))
-    p2p = base[ids["P2PPairGenerator"]]["inputs"]
+    p2p = base[ids[P2P]]["inputs"]
     samples = int(p2p["samples_per_pair"])
     chunk_size = chunk_size_for(args.chunk_size, samples)
     seed = int(args.seed if args.seed is not None else p2p["seed"])
@@ -542,8 +362,8 @@ def run_chunks(chunks: Sequence[Chunk], base: Mapping[str, dict], ids: Mapping[s
             status.add_skips(earlier.get("skipped", {}), earlier.get("skipped_rows", []), earlier.get("refused", 0))
             continue
         started = time.monotonic()
-        outcome = run_chunk(prompt, ids, world.tag, layout.shard(world.rank))
-        count_chunk(status, outcome)
+        outcome = run_chunk(prompt, ids, world.tag)
+        status.add(outcome)
         print(chunk_line(world.tag, chunk, len(chunks), outcome, time.monotonic() - started), flush=True)
         if outcome.complete:
             record_chunk(layout, world.rank, done, chunk, mark, outcome)
@@ -560,14 +380,6 @@ def run_chunks(chunks: Sequence[Chunk], base: Mapping[str, dict], ids: Mapping[s
             return
 
 
-def count_chunk(status: RankStatus, outcome: ChunkOutcome) -> None:
-    status.new_rows += outcome.new_rows
-    status.fetched += outcome.fetched
-    status.cached += outcome.cached
-    status.unanswered += outcome.unanswered
-    status.add_skips(outcome.skipped, outcome.skipped_rows, outcome.refused)
-
-
 def chunk_line(tag: str, chunk: Chunk, total: int, outcome: ChunkOutcome, seconds: float) -> str:
     """The same counts, in the same words, as GenerateEditInstructions' own summary."""
     skipped = f", skipped by reason: {skipped_text(outcome.skipped)}" if outcome.skipped else ""
@@ -577,133 +389,19 @@ def chunk_line(tag: str, chunk: Chunk, total: int, outcome: ChunkOutcome, second
             f"LLM ({outcome.cached} cached, {outcome.fetched} fetched){again}{skipped}{note} ({seconds:.1f} s)")
 
 
-def pick_device(world: World) -> None:
-    """One GPU per local rank, when the machine has several (ComfyUI uses torch's current device)."""
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.device_count() > 1:
-        torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
-
-
-def boot_comfy(base_dir: Path | None) -> Path:
-    """ComfyUI in this process; returns its output folder. Ranks sharing a base folder may race to set it up."""
-    from . import runtime
-
-    if base_dir is not None:
-        with contextlib.suppress(FileExistsError):  # another rank linked the pack into custom_nodes first
-            runtime.prepare_base(base_dir.resolve())
-    runtime.boot(base_dir)
-    runtime.load_nodes()
-    import folder_paths
-
-    return Path(folder_paths.get_output_directory()).resolve()
-
-
 # ---------------------------------------------------------------------------------------------------------
-# Meeting at the end
+# Meeting at the end, merging (rank 0)
 # ---------------------------------------------------------------------------------------------------------
 
 
-class SoloSync:
-    def gather(self, status: dict) -> list[dict]:
-        return [status]
-
-    def close(self) -> None:
-        pass
-
-
-class TorchSync:
-    """torch.distributed over gloo (CPU tensors only: the statuses are small, and no GPU memory is taken)."""
-
-    def __init__(self, world: World, timeout: datetime.timedelta) -> None:
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.world = world
-        dist.init_process_group("gloo", rank=world.rank, world_size=world.size, timeout=timeout)
-
-    def gather(self, status: dict) -> list[dict] | None:
-        statuses: list[Any] = [None] * self.world.size
-        self.dist.all_gather_object(statuses, status)
-        return statuses if self.world.rank == 0 else None
-
-    def close(self) -> None:
-        if self.dist.is_initialized():
-            self.dist.destroy_process_group()
-
-
-class FileSync:
-    """Status files in the shards folder (which must be shared); rank 0 waits for all of this run's."""
-
-    def __init__(self, world: World, layout: Layout, run_id: str, timeout: datetime.timedelta) -> None:
-        self.world, self.layout, self.run_id = world, layout, run_id
-        self.timeout_s = timeout.total_seconds()
-        layout.shards.mkdir(parents=True, exist_ok=True)
-        # A status left by an earlier run must not count as this run's.
-        layout.status(world.rank).unlink(missing_ok=True)
-
-    def gather(self, status: dict) -> list[dict] | None:
-        atomic_write_json(self.layout.status(self.world.rank), {**status, "run_id": self.run_id})
-        if self.world.rank != 0:
-            return None
-        return wait_for_statuses(self.layout, self.world.size, self.run_id, self.timeout_s)
-
-    def close(self) -> None:
-        pass
-
-
-def wait_for_statuses(layout: Layout, size: int, run_id: str, timeout_s: float, poll_s: float = POLL_S) -> list[dict]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = {rank: read_json(layout.status(rank)) for rank in range(size)}
-        ready = {rank: s for rank, s in found.items() if s.get("run_id") == run_id}
-        if len(ready) == size:
-            return [ready[rank] for rank in range(size)]
-        if time.monotonic() >= deadline:
-            missing = sorted(set(range(size)) - set(ready))
-            raise BuildError(f"ranks {missing} did not report within {timeout_s:.0f} s (run id {run_id!r}): "
-                             "check their logs, then rerun every rank to continue where they stopped")
-        time.sleep(poll_s)
-
-
-def make_sync(world: World, layout: Layout, args: argparse.Namespace, env: Mapping[str, str]):
-    timeout = datetime.timedelta(hours=args.sync_timeout_h)
-    if world.size == 1:
-        return SoloSync()
-    if env.get("MASTER_ADDR") and env.get("MASTER_PORT"):
-        return TorchSync(world, timeout)
-    run_id = args.run_id or next((env[v] for v in RUN_ID_VARIABLES if env.get(v)), "")
-    if not run_id:
-        raise BuildError("WORLD_SIZE > 1 without MASTER_ADDR/MASTER_PORT: give every rank the same --run-id (or "
-                         "launch with torchrun / accelerate launch)")
-    return FileSync(world, layout, run_id, timeout)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Merging (rank 0)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def check_shards_visible(layout: Layout, statuses: Sequence[dict]) -> None:
-    for status in statuses:
-        rank, expected = status["rank"], status.get("shard_rows", 0)
-        if expected and shard_rows(layout.shard(rank)) < expected:
-            raise BuildError(
-                f"rank {rank} saved {expected} rows in {layout.shard(rank)}, but rank 0 sees "
-                f"{shard_rows(layout.shard(rank))} there: across machines, ComfyUI's output folder must be one "
-                "shared filesystem (--base-dir on it)")
-
-
-def merge_shards(layout: Layout, size: int, fmt: str, image_format: str | None) -> tuple[int, int]:
-    """Every shard's rows into the merged dataset, each (group, sample) once: (rows added, rows in total)."""
-    options = {"image_format": image_format} if image_format else {}
-    with open_writer(layout.output, layout.name, fmt, **options) as writer:
-        added = 0
-        for rank in range(size):
-            shard = layout.shard(rank)
-            if read_manifest(shard) is not None:
-                added += writer.extend(iter_rows(shard, fmt))
-    return added, len(writer)
+def make_sync(world: World, layout: Layout, args: argparse.Namespace, env: Mapping[str, str]) -> rendezvous.Sync:
+    run_id = args.run_id or rendezvous.launcher_run_id(env)
+    try:
+        return rendezvous.rendezvous(world, env, layout.status, run_id,
+                                     datetime.timedelta(hours=args.sync_timeout_h))
+    except rendezvous.RendezvousError as error:
+        raise BuildError(f"{error}: give every rank the same --run-id (or launch with torchrun / accelerate "
+                         "launch)") from None
 
 
 def summary(layout: Layout, statuses: Sequence[dict], added: int, total: int, fmt: str) -> str:
@@ -785,9 +483,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         captions, repeats = read_caption_file(args.captions)
         load_key_file(args.api_key_file)
         trust_key_host(args.base_url)
-        os.environ[EMPTY_OK_ENV] = "1"
         pick_device(world)
-        layout = Layout(boot_comfy(args.base_dir), args.name)
+        layout = Layout(runtime.start(args.base_dir, verbose=args.verbose), args.name)
         sync = make_sync(world, layout, args, os.environ)
     except (BuildError, RuntimeError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -12,10 +12,10 @@ import argparse
 import json
 import shutil
 import sys
-import time
 import uuid
 from pathlib import Path
 
+from . import runtime
 from .workflow import WorkflowError
 
 PACK = Path(__file__).resolve().parent.parent
@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workflow", type=Path, default=WORKFLOW, help="UI-format workflow to run")
     parser.add_argument("--base-dir", type=Path, default=None,
                         help="ComfyUI base directory (models/, input/, output/); default: the ComfyUI folder")
+    runtime.add_verbose_option(parser)
     return parser.parse_args(argv)
 
 
@@ -72,8 +73,9 @@ def embedded_default() -> str:
         write_checkpoint(target, "ip2p", "tiny", seed=0)
     print(f"{BANNER}\nNo InstructPix2Pix checkpoint found in {target.parent}.\n"
           f"Using the EMBEDDED RANDOM model ({DEFAULT_MODEL}): the output is noise, not an edit.\n"
-          "For real edits put e.g. instruct-pix2pix-00-22000.safetensors (from timothybrooks/instruct-pix2pix\n"
-          f"on Hugging Face) into {target.parent} and run again.\n{BANNER}", flush=True)
+          "For real edits put e.g. instruct-pix2pix-00-22000.safetensors (from timbrooks/instruct-pix2pix on the\n"
+          "Hugging Face hub: https://huggingface.co/timbrooks/instruct-pix2pix)\n"
+          f"into {target.parent} and run again.\n{BANNER}", flush=True)
     return DEFAULT_MODEL
 
 
@@ -107,25 +109,8 @@ def build_prompt(args: argparse.Namespace, checkpoint: str, image_name: str, tin
     return prompt
 
 
-def progress_printer():
-    last = [0.0]
-
-    def on_event(event: str, data) -> None:
-        if event == "progress" and time.monotonic() - last[0] > 0.5:
-            last[0] = time.monotonic()
-            print(f"  step {data['value']}/{data['max']}", flush=True)
-        elif event == "executing" and data.get("node"):
-            print(f"  running node {data['node']}", flush=True)
-
-    return on_event
-
-
 def run(args: argparse.Namespace) -> Path:
-    from . import runtime
-
-    runtime.boot(args.base_dir)
-    runtime.load_nodes()
-    import folder_paths
+    output_dir = runtime.start(args.base_dir, verbose=args.verbose)
 
     checkpoint = args.checkpoint or find_ip2p_checkpoint()
     tiny = checkpoint is None or checkpoint == DEFAULT_MODEL
@@ -133,11 +118,11 @@ def run(args: argparse.Namespace) -> Path:
     image_name = stage_image(args.image)
     prompt = build_prompt(args, checkpoint, image_name, tiny)
     print(f"editing {args.image or image_name} with {checkpoint}: {args.instruction!r}", flush=True)
-    result = runtime.run_prompt(prompt, on_event=progress_printer())
+    result = runtime.run_prompt(prompt, on_event=runtime.progress_printer(prompt))
     if not result.ok:
         raise SystemExit(f"error: {runtime.format_error(result)}")
     saved = next(image for out in result.outputs.values() for image in out.get("images", []))
-    source = Path(folder_paths.get_output_directory()) / saved["subfolder"] / saved["filename"]
+    source = output_dir / saved["subfolder"] / saved["filename"]
     args.output.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(source, args.output)
     return args.output

@@ -1,7 +1,7 @@
 """Train InstructPix2Pix from the command line, on one machine or many: the same trainer as the TrainIP2P node.
 
-    python -m comfyui_ip2p.cli.train --model sd15.safetensors --dataset my_edits --output-dir runs \\
-        --name my_ip2p --steps 2000 --batch-size 8
+    comfyui-ip2p-train --model sd15.safetensors --dataset my_edits --output-dir runs \\
+        --name my_ip2p --steps 2000 --batch-size 8       (or: python -m comfyui_ip2p.cli.train ...)
     torchrun --nproc_per_node 4 -m comfyui_ip2p.cli.train ...          # data-parallel over 4 GPUs
     accelerate launch -m comfyui_ip2p.cli.train ...                     # the same, through accelerate
     torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m comfyui_ip2p.cli.train ...
@@ -25,7 +25,8 @@ import tempfile
 from pathlib import Path
 
 from ..training.config import TrainConfig
-from ..training.distributed import World, close_world, init_world, launched_world
+from ..training.distributed import World, close_world, init_world, launched_world, pick_device
+from . import runtime
 
 # Set from the model, or meaningless on the command line.
 _NOT_OPTIONS = {"prediction"}
@@ -46,7 +47,7 @@ def config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m comfyui_ip2p.cli.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="comfyui-ip2p-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="single-file SD1.x checkpoint (.safetensors or .ckpt)")
     parser.add_argument("--dataset", required=True, help="dataset folder or parquet file (any readable format)")
@@ -58,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads per process (0 = torch's default)")
     parser.add_argument("--comfyui-base", type=Path, default=None,
                         help="ComfyUI base folder to boot with (default: a temporary one)")
+    runtime.add_verbose_option(parser)
     config_options(parser)
     return parser.parse_args(argv)
 
@@ -75,16 +77,6 @@ def emit(world: World, event: str, everywhere: bool = False, **fields: object) -
         sys.stdout.flush()
 
 
-def pick_device(world: World) -> bool:
-    """True when training on CUDA; each process of a multi-GPU launch takes its local GPU."""
-    import torch
-
-    use_cuda = torch.cuda.is_available()
-    if use_cuda and world.size > 1:
-        torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
-    return use_cuda
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     config = config_from(args)
@@ -96,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     use_cuda = pick_device(world)
     init_world(world, use_cuda)
     with tempfile.TemporaryDirectory(prefix="ip2p-train-comfy-") as scratch:
-        from ..cli import runtime
-
-        runtime.boot(args.comfyui_base or scratch, cpu=not use_cuda)
+        runtime.start(args.comfyui_base or scratch, cpu=not use_cuda, with_nodes=False, verbose=args.verbose)
         return train(args, config, world)
 
 

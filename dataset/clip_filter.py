@@ -219,6 +219,29 @@ def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     return images[..., top : top + size, left : left + size]
 
 
+def fit_to_clip(images: torch.Tensor, size: int, resize_mode: str = "shortest") -> torch.Tensor:
+    """ComfyUI IMAGE [B, H, W, C] in [0, 1] -> RGB [B, size, size, 3] in [0, 1], sized as the CLIP model wants.
+
+    The one resize an image gets on its way to CLIP: an image already size x size passes through untouched, so
+    images fitted early (to stack rows of different sizes into one batch) are not resized again by the encoder.
+    resize_mode "shortest" (OpenAI CLIP): shorter side to `size`, then centre crop. "squash": stretch.
+    """
+    if images.dim() != 4 or images.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected IMAGE [B, H, W, C] with C in 1/3/4, got {tuple(images.shape)}")
+    if resize_mode not in ("shortest", "squash"):
+        raise ValueError(f"unsupported resize_mode {resize_mode!r}: use 'shortest' or 'squash'")
+    pixels = images[..., :3] if images.shape[-1] >= 3 else images.expand(*images.shape[:-1], 3)
+    pixels = pixels.float()
+    if pixels.shape[1:3] == (size, size):
+        return pixels
+    pixels = pixels.permute(0, 3, 1, 2)
+    if resize_mode == "shortest":
+        pixels = center_crop(resize_shorter_side(pixels, size), size)
+    else:
+        pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
+    return pixels.permute(0, 2, 3, 1)
+
+
 def to_clip_input(
     images: torch.Tensor,
     size: int,
@@ -226,22 +249,10 @@ def to_clip_input(
     std: Sequence[float] = CLIP_STD,
     resize_mode: str = "shortest",
 ) -> torch.Tensor:
-    """ComfyUI IMAGE [B, H, W, C] in [0, 1] -> CLIP pixel input [B, 3, size, size].
-
-    resize_mode "shortest" (OpenAI CLIP): shorter side to `size`, then centre crop. "squash": stretch.
-    The [0, 1] range is what CLIP's mean/std expect; nothing rescales it to [-1, 1].
+    """ComfyUI IMAGE [B, H, W, C] in [0, 1] -> CLIP pixel input [B, 3, size, size] (fit_to_clip, then CLIP's
+    mean/std). The [0, 1] range is what CLIP's mean/std expect; nothing rescales it to [-1, 1].
     """
-    if images.dim() != 4 or images.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"expected IMAGE [B, H, W, C] with C in 1/3/4, got {tuple(images.shape)}")
-    pixels = images[..., :3] if images.shape[-1] >= 3 else images.expand(*images.shape[:-1], 3)
-    pixels = pixels.permute(0, 3, 1, 2).float()
-    if resize_mode == "shortest":
-        pixels = center_crop(resize_shorter_side(pixels, size), size)
-    elif resize_mode == "squash":
-        if pixels.shape[-2:] != (size, size):
-            pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
-    else:
-        raise ValueError(f"unsupported resize_mode {resize_mode!r}: use 'shortest' or 'squash'")
+    pixels = fit_to_clip(images, size, resize_mode).permute(0, 3, 1, 2)
     mean_t = torch.tensor(mean, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
     std_t = torch.tensor(std, dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
     return (pixels - mean_t) / std_t
@@ -374,10 +385,6 @@ class ClipEncoder:
             chunks.append(normalize(self.model.encode_image(pixels)))
         return torch.cat(chunks) if chunks else torch.empty(0, 0)
 
-    def encode_images_one_by_one(self, images: torch.Tensor) -> torch.Tensor:
-        """One image per model call: the unbatched baseline that benchmarks compare against."""
-        return self.encode_images(images, batch_size=1)
-
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
         """Captions -> float32 [N, D] unit features. Repeated captions are encoded once."""
@@ -415,21 +422,6 @@ class ClipEncoder:
         return ClipScores(*(s.cpu() for s in (scores.sim_0, scores.sim_1, scores.sim_dir, scores.sim_image)))
 
 
-def filter_image_pairs(
-    encoder: ClipEncoder,
-    images_0: torch.Tensor,
-    images_1: torch.Tensor,
-    captions_0: Sequence[str],
-    captions_1: Sequence[str],
-    config: ClipFilterConfig | None = None,
-    batch_size: int = 32,
-) -> FilterResult:
-    """Score and filter pairs in one go; pairs are grouped by their (caption, edited caption)."""
-    scores = encoder.score_pairs(images_0, images_1, captions_0, captions_1, batch_size)
-    groups = list(zip(captions_0, captions_1, strict=True))
-    return filter_pairs(scores, groups, config)
-
-
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
@@ -440,9 +432,9 @@ __all__ = [
     "FilterResult",
     "clip_scores",
     "cosine",
-    "filter_image_pairs",
     "filter_pairs",
     "find_weights",
+    "fit_to_clip",
     "load_clip_model",
     "normalize",
     "to_clip_input",

@@ -9,7 +9,7 @@ Formats:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,6 @@ __all__ = [
     "load_rows",
     "open_writer",
     "row_key",
-    "write_rows",
 ]
 
 
@@ -108,14 +107,6 @@ def open_writer(root: str | os.PathLike, name: str, format: str = REFERENCE, **o
     if format in (DIFFUSERS, PUBLIC):
         return ParquetWriter(root, name, layout=format, **options)
     raise ValueError(f"unknown dataset format {format!r}; use one of {', '.join(FORMATS)}")
-
-
-def write_rows(
-    rows: Iterable[EditRow], root: str | os.PathLike, name: str, format: str = REFERENCE, **options: Any
-) -> int:
-    """Write (or finish writing) `rows` as dataset `name` in `root`; returns how many rows were new."""
-    with open_writer(root, name, format, **options) as writer:
-        return writer.extend(rows)
 
 
 def _dataset_path(path: str | os.PathLike) -> Path:

@@ -33,6 +33,8 @@ try:
 except ImportError:  # Windows: one ComfyUI process per output folder, the thread lock suffices
     fcntl = None
 
+from .paths import atomic_write_bytes
+
 CACHE_FORMAT_VERSION = 1  # of the key material; the line format is told apart by its fields
 
 
@@ -102,12 +104,7 @@ class InstructionCache:
             # Best effort: on a full or read-only disk the old lines stay; they are never used either way.
             f.seek(0)
             kept = [line for line in f.read().split(b"\n") if line.strip() and not _is_legacy(line)]
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            with open(tmp, "wb") as out:
-                out.write(b"".join(line + b"\n" for line in kept))
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.path)
+            atomic_write_bytes(self.path, b"".join(line + b"\n" for line in kept))
             self._needs_newline = False
 
     @contextlib.contextmanager

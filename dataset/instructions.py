@@ -61,6 +61,7 @@ __all__ = [
     "InstructionStats",
     "MalformedOutputError",
     "MissingAPIKeyError",
+    "NoUsableInstructionsError",
     "RetryPolicy",
     "Sampling",
     "as_captions",
@@ -74,7 +75,6 @@ __all__ = [
     "judge_row",
     "parse_completion",
     "read_captions",
-    "save_rows_jsonl",
 ]
 
 Mode = Literal["completion", "chat"]
@@ -113,10 +113,6 @@ class EditInstruction:
     input_caption: str
     instruction: str
     output_caption: str
-
-    def to_reference(self) -> dict[str, str]:
-        """The reference code's keys (prompt.json and its generated-prompts jsonl)."""
-        return {"input": self.input_caption, "edit": self.instruction, "output": self.output_caption}
 
 
 # Original examples in the paper's format; varied edit kinds (colour, style, time, addition, weather, swap).
@@ -260,6 +256,17 @@ class InstructionResult:
     rows: list[EditInstruction]  # in input order
     stats: InstructionStats
     cancelled: bool = False
+
+
+class NoUsableInstructionsError(ValueError):
+    """Not one caption gave a usable row. The message says why and what to do; `stats` holds the counts
+    (InstructionStats.as_dict()) as data, for programs such as the headless builder, which takes such a chunk as
+    zero rows with these counts. Programs recognise it by its class name: ComfyUI runs the nodes from its own copy
+    of the pack (custom_nodes/), whose classes are not the ones the program imported."""
+
+    def __init__(self, message: str, stats: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.stats = stats
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -433,24 +440,10 @@ def _clean(captions: Iterable[str]) -> list[str]:
     for caption in captions:
         if not isinstance(caption, str):
             raise TypeError(f"captions must be strings, got {type(caption).__name__}")
-        caption = caption.strip()
-        if caption:
-            out.append(caption)
+        text = caption.strip()
+        if text:
+            out.append(text)
     return out
-
-
-def save_rows_jsonl(rows: Iterable[EditInstruction], path: str | os.PathLike[str]) -> Path:
-    """Rows as the reference's jsonl (`input`, `edit`, `output`), written whole or not at all."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row.to_reference(), ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -645,6 +638,18 @@ class _Fetcher:
         return _Outcome(reason=reason or CANCELLED, http_requests=requests, asks=asks)
 
 
+def _collect(finished: set[Future[_Outcome]], running: dict[Future[_Outcome], _Job], answers: dict[str, _Outcome],
+             progress: Callable[[int, int], None] | None, done: int, total: int) -> int:
+    """Moves finished jobs' outcomes into `answers` and reports progress; returns the new done count."""
+    for future in finished:
+        job = running.pop(future)
+        answers[job.key] = future.result()
+        done += 1
+        if progress is not None:
+            progress(done, total)
+    return done
+
+
 def _run_pool(
     fetch: Callable[[_Job], _Outcome],
     jobs: Sequence[_Job],
@@ -679,12 +684,7 @@ def _run_pool(
                 if not running:
                     break
                 finished, _ = wait(running, timeout=_POLL_SECONDS, return_when=FIRST_COMPLETED)
-                for future in finished:
-                    job = running.pop(future)
-                    answers[job.key] = future.result()
-                    done += 1
-                    if progress is not None:
-                        progress(done, total)
+                done = _collect(finished, running, answers, progress, done, total)
                 if not cancel_requested and wants_cancel():
                     cancel_requested = True
                 if cancel_requested:

@@ -86,6 +86,8 @@ def _check_part(part: str, name: str, what: str, example: str) -> str:
 
 
 def temp_name(path: Path) -> Path:
+    """The temporary `path` is written as before it is renamed into place: hidden, and no longer ending in the
+    file's own suffix, so dataset readers, `datasets` and ComfyUI's model lists never show it."""
     return path.with_name(f".{path.name}{TEMP_MARKER}{os.getpid()}")
 
 
@@ -93,10 +95,12 @@ def is_temp(path: Path) -> bool:
     return path.name.startswith(".") and TEMP_MARKER in path.name
 
 
-def remove_temps(folder: Path) -> None:
-    """Delete temporaries a killed writer left in `folder` (they were never renamed into place)."""
+def remove_temps(folder: Path, of: str | None = None) -> None:
+    """Delete temporaries a killed writer left in `folder` (they were never renamed into place); with `of`, only
+    those of the file of that name (any process id)."""
+    prefix = "." if of is None else f".{of}{TEMP_MARKER}"
     for path in folder.iterdir():
-        if is_temp(path) and path.is_file():
+        if is_temp(path) and path.name.startswith(prefix) and path.is_file():
             path.unlink(missing_ok=True)
 
 
@@ -113,26 +117,42 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `path` so that it is either absent/old or complete, never partial."""
-    write_atomically(path, lambda handle: handle.write(data))
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """The pack's one atomic writer: `write(temp)` creates the file at `temp` beside `path`, which is then made
+    durable (fsync) and renamed over `path`; returns `path`.
 
-
-def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """`write(handle)` into a temporary beside `path`, moved over it only once complete and on disk."""
+    A reader sees the old file or the new one, never a torn one. The temporary is `temp_name(path)`, created by
+    `write` with the process's default permissions like every file ComfyUI writes (not 0600 like mkstemp). Any
+    failure (a full disk, a cancel) removes the temporary and raises as it came; the old file stays as it was.
+    """
+    path = Path(path)
     tmp = temp_name(path)
     try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
+        write(tmp)
+        with open(tmp, "r+b") as handle:  # writable: Windows flushes only handles open for writing
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
-        # a full disk or a cancel must not leave a half-written temp file beside the real one
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
     fsync_dir(path.parent)
+    return path
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """`write(handle)` into a file opened for `path`, put in place by atomic_write."""
+
+    def through_handle(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            write(handle)
+
+    atomic_write(path, through_handle)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `path` so that it is either absent/old or complete, never partial."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_json(path: Path, value: Any) -> None:

@@ -104,10 +104,6 @@ class DatasetWriter:
     def extend(self, rows: Iterable[EditRow]) -> int:
         return sum(self.add(row) for row in rows)
 
-    def has(self, group: str, sample: int) -> bool:
-        """Whether the sample (its seed, or its content id when seedless) of `group` is already written."""
-        return (group, int(sample)) in self._keys
-
     @property
     def keys(self) -> frozenset[Key]:
         return frozenset(self._keys)

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from comfy_api.v0_0_2 import io, ui
 
+from ..algorithms.seeds import REQUEST_SEED_MAX
 from ..dataset.clip_filter import ClipFilterConfig
 from ..dataset.formats import DIFFUSERS, FORMATS
 from ..dataset.instructions import MODES
+from ..dataset.node_stats import STATS_KEY, clip_filter_stats, save_stats
 from ..pipeline import clip_filter as clip_work
 from ..pipeline import datasets, instructions
 from .errors import named_errors
 from .types import EditDataset, EditRows
+from .widgets import seed_input
 
 CATEGORY = "InstructPix2Pix/dataset"
 EXAMPLE_CAPTIONS = (
@@ -87,9 +90,9 @@ class GenerateEditInstructions(io.ComfyNode):
                 io.Boolean.Input("cache", default=True,
                                  tooltip="Keep every answer in output/ip2p_cache/instructions.jsonl and reuse it: "
                                          "reruns cost nothing, and a cancel or crash loses nothing."),
-                io.Int.Input("request_seed", default=0, min=0, max=2**31 - 1, optional=True,
-                             tooltip="0 sends no seed. Another value is sent as the request seed and is a new "
-                                     "cache entry: the way to draw different edits for the same captions."),
+                seed_input("request_seed", maximum=REQUEST_SEED_MAX, control_after_generate=False, optional=True,
+                           tooltip="0 sends no seed. Another value is sent as the request seed and is a new "
+                                   "cache entry: the way to draw different edits for the same captions."),
             ],
             outputs=[
                 EditRows.Output(display_name="rows", tooltip="(caption, instruction, edited caption) rows, no "
@@ -107,7 +110,7 @@ class GenerateEditInstructions(io.ComfyNode):
         sampling = instructions.sampling_from(temperature, frequency_penalty, max_tokens, request_seed)
         rows, summary, stats = instructions.run_instructions(caption_list, endpoint, mode, sampling, concurrency, cache)
         # The counts travel as data beside the text, so readers never parse the wording.
-        return io.NodeOutput(rows, summary, ui={"text": (summary,), instructions.STATS_KEY: [stats]})
+        return io.NodeOutput(rows, summary, ui={"text": (summary,), STATS_KEY: [stats]})
 
 
 class CLIPDirectionFilter(io.ComfyNode):
@@ -154,7 +157,8 @@ class CLIPDirectionFilter(io.ComfyNode):
         kept, report = clip_work.filter_rows(rows, clip_weights, config, batch_size)
         inputs = datasets.preview_batch([r.input_image for r in kept], len(kept))
         edits = datasets.preview_batch([r.edited_image for r in kept], len(kept))
-        return io.NodeOutput(kept, inputs, edits, report, ui=ui.PreviewText(report))
+        stats = clip_filter_stats(len(rows), len(kept), len({r.group for r in rows}))
+        return io.NodeOutput(kept, inputs, edits, report, ui={"text": (report,), STATS_KEY: [stats]})
 
 
 class CLIPEditMetrics(io.ComfyNode):
@@ -244,7 +248,9 @@ class SaveEditDataset(io.ComfyNode):
         text = f"{written} new rows, {total} in total, in output/{path} ({format})"
         if total == 0:
             text += datasets.EMPTY_DATASET_NOTE
-        return io.NodeOutput(path, written, handle, ui=ui.PreviewText(text))
+        # The counts travel as data beside the text (dataset/node_stats.py), so readers never parse the wording.
+        stats = save_stats(path, format, written, total)
+        return io.NodeOutput(path, written, handle, ui={"text": (text,), STATS_KEY: [stats]})
 
 
 class LoadEditDataset(io.ComfyNode):
@@ -284,7 +290,7 @@ class LoadEditDataset(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, dataset, dataset_override="", **kwargs):
+    def fingerprint_inputs(cls, dataset, dataset_override="", **kwargs):  # noqa: ARG003 (ComfyUI's callback signature)
         # Reload when a writer added rows since the last run, although the inputs did not change.
         try:
             return datasets.dataset_stamp(datasets.resolve_dataset(dataset, dataset_override))

@@ -21,8 +21,7 @@ from ..pipeline.guider import make_guider
 from ..pipeline.images import guidance_grid, parse_scales
 from ..pipeline.loading import check_is_ip2p
 from .errors import named_errors
-
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
+from .widgets import seed_input
 
 
 def image_scale_input(default: float = 1.5) -> io.Float.Input:
@@ -43,8 +42,7 @@ def sampling_inputs(steps: int = 20) -> list:
     return [
         io.Int.Input("steps", default=steps, min=1, max=1000,
                      tooltip="Denoising steps. The paper uses 100 Euler-ancestral steps; 20-30 is usually enough."),
-        io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
-                     tooltip="Seed of the starting noise; the same seed and settings give the same edit."),
+        seed_input(tooltip="Seed of the starting noise; the same seed and settings give the same edit."),
         io.Combo.Input("sampler_name", options=comfy.samplers.SAMPLER_NAMES, default="euler_ancestral",
                        tooltip="Any ComfyUI sampler; the paper used euler_ancestral."),
         io.Combo.Input("scheduler", options=comfy.samplers.SCHEDULER_NAMES, default="normal",

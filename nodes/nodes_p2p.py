@@ -6,12 +6,11 @@ import comfy.samplers
 from comfy_api.v0_0_2 import io
 
 from ..dataset.instructions import skipped_text
-from ..pipeline.instructions import STATS_KEY
+from ..dataset.node_stats import STATS_KEY
 from ..pipeline.p2p import P2PSettings, generate_pairs, pairs_from_rows, parse_caption_pairs, screen_pairs
 from .errors import named_errors
 from .types import EditRows
-
-SEED_MAX = 2**63 - 1
+from .widgets import seed_input
 
 
 class P2PPairGenerator(io.ComfyNode):
@@ -40,9 +39,8 @@ class P2PPairGenerator(io.ComfyNode):
                 io.Int.Input("width", default=512, min=64, max=4096, step=8,
                              tooltip="Image width (512 for SD1.5, 1024 for SDXL)."),
                 io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Image height."),
-                io.Int.Input("seed", default=0, min=0, max=SEED_MAX, control_after_generate=True,
-                             tooltip="Sample n uses seed + n for its noise; p and CFG are drawn from this seed, "
-                                     "so a rerun gives the same pairs."),
+                seed_input(tooltip="Sample n uses seed + n for its noise; p and CFG are drawn from this seed, "
+                                   "so a rerun gives the same pairs."),
                 io.Float.Input("p_min", default=0.1, min=0.0, max=1.0, step=0.01,
                                tooltip="Lowest fraction of steps that share attention. Higher p keeps the edited "
                                        "image closer to the source. Paper: p ~ U(0.1, 0.9)."),

@@ -8,8 +8,7 @@ from ..pipeline.train import train_from_node
 from ..training.config import TrainConfig
 from .errors import named_errors
 from .types import EditDataset
-
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
+from .widgets import seed_input
 
 
 class TrainIP2P(io.ComfyNode):
@@ -51,9 +50,8 @@ class TrainIP2P(io.ComfyNode):
                                tooltip="AdamW learning rate, constant (paper: 1e-4; LoRA often 1e-4 to 1e-3)."),
                 io.Int.Input("resolution", default=256, min=16, max=2048, step=8,
                              tooltip="Training resolution (square crops). The paper trained at 256."),
-                io.Int.Input("seed", default=0, min=0, max=MAX_SEED,
-                             tooltip="Seed of data order, augmentation, dropout, timesteps and noise: the same seed "
-                                     "and inputs give the same model."),
+                seed_input(tooltip="Seed of data order, augmentation, dropout, timesteps and noise: the same seed "
+                                   "and inputs give the same model (keep it fixed to resume a run)."),
                 io.Float.Input("ema_decay", default=0.9999, min=0.0, max=0.99999, step=0.0001, round=0.00001,
                                tooltip="EMA of the weights (paper 0.9999, with warm-up). The saved model holds the "
                                        "EMA weights. 0 turns EMA off (saves memory; for short runs)."),

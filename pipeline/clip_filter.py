@@ -17,15 +17,14 @@ import comfy.model_patcher
 import comfy.utils
 import folder_paths
 import torch
-import torch.nn.functional as F
 from comfy.patcher_extension import CallbacksMP
 from PIL import Image
 
 from ..dataset import clip_filter
 from ..dataset.clip_filter import ClipEncoder, ClipFilterConfig, ClipScores, ClipWeightsNotFoundError
 from ..dataset.paths import file_stamp
-from ..dataset.records import EditRow
-from .images import to_tensor
+from ..dataset.pixels import image_to_tensor
+from ..dataset.records import EditRow, open_image
 from .settings import check_finite
 
 CLIP_FOLDER = "clip_filter"
@@ -130,7 +129,7 @@ def _forget_when_unloaded(key: tuple):
     """A detach callback: once ComfyUI unloads the encoder (to free memory, or "unload models"), the cache lets go
     of it too, so its memory is really freed instead of being kept alive here."""
 
-    def forget(patcher: comfy.model_patcher.ModelPatcher, unpatch_all: bool) -> None:
+    def forget(patcher: comfy.model_patcher.ModelPatcher, unpatch_all: bool) -> None:  # noqa: ARG001 (ComfyUI's callback signature)
         entry = _ENCODERS.get(key)
         if entry is None or entry[1] is not patcher:
             return
@@ -144,17 +143,6 @@ def _forget_when_unloaded(key: tuple):
         del _ENCODERS[key]
 
     return forget
-
-
-def clip_square(image: torch.Tensor, preprocess: dict) -> torch.Tensor:
-    """[1, H, W, 3] -> [1, S, S, 3] with the model's own resize, so images of any size stack into one batch."""
-    size = preprocess["size"]
-    pixels = image.permute(0, 3, 1, 2)
-    if preprocess["resize_mode"] == "squash":
-        pixels = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True).clamp(0, 1)
-    else:
-        pixels = clip_filter.center_crop(clip_filter.resize_shorter_side(pixels, size), size)
-    return pixels.permute(0, 2, 3, 1)
 
 
 def _concat_scores(parts: list[ClipScores]) -> ClipScores:
@@ -199,9 +187,11 @@ def score_rows(encoder: ClipEncoder, rows: Sequence[EditRow], batch_size: int,
 
 def _decoded_pair(row: EditRow, preprocess: dict, index: int,
                   skipped: list[tuple[int, str]] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    # Fitted to CLIP's input size here, so rows of any size stack into one batch; the encoder then leaves them be.
     try:
-        return (clip_square(to_tensor(row.input_image), preprocess),
-                clip_square(to_tensor(row.edited_image), preprocess))
+        return tuple(clip_filter.fit_to_clip(image_to_tensor(open_image(image))[None], preprocess["size"],
+                                             preprocess["resize_mode"])
+                     for image in (row.input_image, row.edited_image))
     except DECODE_ERRORS as error:
         if skipped is None:
             raise

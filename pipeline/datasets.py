@@ -20,9 +20,9 @@ from PIL import Image
 from ..dataset.format_reference import SEEDS_NAME
 from ..dataset.formats import FORMATS, detect_format, iter_rows, open_writer
 from ..dataset.paths import file_stamp, resolve_inside
+from ..dataset.pixels import image_to_tensor
 from ..dataset.records import EditRow, open_image
 from ..dataset.writer import MANIFEST_NAMES, WriterBusyError, write_failure
-from .images import to_tensor
 from .instructions import CACHE_DIR
 
 NO_FILE = "none"
@@ -183,5 +183,5 @@ def preview_batch(sources: Sequence, limit: int) -> torch.Tensor:
         return torch.zeros(0, 64, 64, 3)
     size = images[0].size
     same = [im if im.size == size else im.resize(size, Image.Resampling.LANCZOS) for im in images]
-    return torch.cat([to_tensor(im) for im in same])
+    return torch.stack([image_to_tensor(im) for im in same])
 

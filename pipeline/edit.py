@@ -11,6 +11,7 @@ import comfy.samplers
 import comfy.utils
 import latent_preview
 import torch
+from comfy_extras.nodes_custom_sampler import BasicScheduler
 
 from . import memory
 from .guider import IP2PGuider, make_guider
@@ -85,15 +86,9 @@ def encode_image(vae, pixels: torch.Tensor, model=None) -> torch.Tensor:
 
 
 def sigmas_for(model, settings: SamplingSettings) -> torch.Tensor:
-    """Sigmas for `steps` steps; denoise < 1 keeps the last steps of a longer schedule (as KSampler does)."""
-    total = settings.steps
-    if settings.denoise < 1.0:
-        if settings.denoise <= 0.0:
-            return torch.zeros(0)
-        total = int(settings.steps / settings.denoise)
-    sampling = model.get_model_object("model_sampling")
-    sigmas = comfy.samplers.calculate_sigmas(sampling, settings.scheduler, total).cpu()
-    return sigmas[-(settings.steps + 1):]
+    """Sigmas for `steps` steps, from core's BasicScheduler itself: denoise < 1 keeps the last steps of a longer
+    schedule, denoise 0 gives none."""
+    return BasicScheduler.execute(model, settings.scheduler, settings.steps, settings.denoise).result[0]
 
 
 def sample(guider: IP2PGuider, latent: torch.Tensor, settings: SamplingSettings, callback=None,

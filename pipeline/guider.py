@@ -22,8 +22,8 @@ def without_image(conditioning: list) -> list:
     """The image-unconditional branch: IP2P models fill a missing concat latent with zeros."""
     out = []
     for embedding, options in conditioning:
-        options = {k: v for k, v in options.items() if k != "concat_latent_image"}
-        out.append([embedding, options])
+        kept = {k: v for k, v in options.items() if k != "concat_latent_image"}
+        out.append([embedding, kept])
     return out
 
 
@@ -54,7 +54,7 @@ class IP2PGuider(comfy.samplers.CFGGuider):
         check_scales(image_scale, text_scale)
         self.image_scale, self.text_scale = float(image_scale), float(text_scale)
 
-    def predict_noise(self, x, timestep, model_options=None, seed=None):
+    def predict_noise(self, x, timestep, model_options=None, seed=None):  # noqa: ARG002 (ComfyUI's callback signature)
         # Checked once per model call so a cancel lands within one step, whatever the sampler.
         comfy.model_management.throw_exception_if_processing_interrupted()
         model_options = model_options if model_options is not None else {}

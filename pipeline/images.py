@@ -1,4 +1,4 @@
-"""Image geometry shared by the edit nodes: the reference implementation's resize, and back."""
+"""Image geometry shared by the edit nodes: the reference implementation's resize, and back; the guidance grid."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..dataset.records import open_image
+from ..dataset.pixels import image_to_tensor, tensor_to_image
 
 
 def reference_size(width: int, height: int, resolution: int) -> tuple[int, int]:
@@ -60,8 +60,8 @@ MAX_SCALE = 100.0
 def parse_scales(text: str, name: str) -> list[float]:
     """'1.0, 1.5, 2' -> [1.0, 1.5, 2.0]; refuses empty lists, non-numbers, negatives and NaN."""
     values = []
-    for part in text.replace(";", ",").split(","):
-        part = part.strip()
+    for raw in text.replace(";", ",").split(","):
+        part = raw.strip()
         if not part:
             continue
         try:
@@ -87,19 +87,12 @@ def guidance_grid(cells: torch.Tensor, row_scales: list[float], column_scales: l
     margin_top, margin_left = 28, 84
     canvas = Image.new("RGB", (margin_left + cols * width, margin_top + rows * height), "white")
     draw = ImageDraw.Draw(canvas)
-    array = (cells.detach().clamp(0, 1).cpu().float().numpy() * 255).round().astype(np.uint8)
     for index in range(rows * cols):
         r, c = divmod(index, cols)
-        canvas.paste(Image.fromarray(array[index]), (margin_left + c * width, margin_top + r * height))
+        canvas.paste(tensor_to_image(cells[index]), (margin_left + c * width, margin_top + r * height))
     for c, scale in enumerate(column_scales):
         draw.text((margin_left + c * width + 6, 8), f"s_T = {scale:g}", fill="black")
     for r, scale in enumerate(row_scales):
         draw.text((6, margin_top + r * height + height // 2 - 6), f"s_I = {scale:g}", fill="black")
-    grid = torch.from_numpy(np.asarray(canvas).astype(np.float32) / 255.0)
-    return grid.unsqueeze(0)
+    return image_to_tensor(canvas)[None]
 
-
-def to_tensor(source) -> torch.Tensor:
-    """Any row image (PIL, path, bytes) as a ComfyUI IMAGE [1, H, W, 3] in [0, 1]."""
-    pixels = np.asarray(open_image(source).convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(pixels).unsqueeze(0)

@@ -29,6 +29,7 @@ from ..dataset.instructions import (
     Endpoint,
     InstructionStats,
     MissingAPIKeyError,
+    NoUsableInstructionsError,
     RetryPolicy,
     Sampling,
     as_captions,
@@ -222,18 +223,12 @@ class _Progress:
         self.bar.update_absolute(done, total)
 
 
-STATS_KEY = "ip2p_stats"  # the nodes' ui entry holding their counts as data (read by the headless builder)
-# Set by the headless builder for its own process: a chunk without one usable answer then gives zero rows and its
-# counts instead of an error that would stop the whole rank. An environment variable, not a node input, because
-# it is the running program's choice, not the workflow's (and the shipped workflow's widgets stay as they are).
-EMPTY_OK_ENV = "IP2P_INSTRUCTIONS_EMPTY_OK"
-
-
 def run_instructions(
     captions: list[str], endpoint: Endpoint, mode: str, sampling: Sampling, concurrency: int, use_cache: bool,
 ) -> tuple[list[EditRow], str, dict]:
     """Rows without images, a summary and the counts as data. A cancel keeps every answer received so far in the
-    cache. With no usable row it raises (the canvas then shows why), unless EMPTY_OK_ENV is set to 1."""
+    cache. With no usable row it raises NoUsableInstructionsError: the canvas shows why and what to do, and a
+    program running the workflow (the headless builder) reads the counts it carries."""
     cache_path = instruction_cache_path() if use_cache else None
     try:
         with http_debug_logs_off():
@@ -249,9 +244,9 @@ def run_instructions(
                          "space and run again (answers cached before are kept), or turn cache off") from error
     if result.cancelled:
         mm.throw_exception_if_processing_interrupted()
-    if not result.rows and os.environ.get(EMPTY_OK_ENV) != "1":
-        raise ValueError(f"no usable instructions: {_stats_text(result.stats)}. What to do: "
-                         f"{_advice(result.stats)}")
+    if not result.rows:
+        raise NoUsableInstructionsError(f"no usable instructions: {_stats_text(result.stats)}. What to do: "
+                                        f"{_advice(result.stats)}", result.stats.as_dict())
     rows = [EditRow(r.input_caption, r.instruction, r.output_caption, None, None) for r in result.rows]
     where = f"cached in {cache_path}" if cache_path else "cache off"
     return rows, f"{_stats_text(result.stats)} ({where}){_skip_list(result.stats.skipped_captions)}", \

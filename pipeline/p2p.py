@@ -34,10 +34,19 @@ import numpy as np
 import torch
 from comfy.ldm.modules.attention import SpatialTransformer
 from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
-from PIL import Image
 
-from ..algorithms.p2p_attention import CFG_RANGE, P_RANGE, AttentionFn, blocks_src_index, sample_p2p_params, sharing_on
+from ..algorithms.p2p_attention import (
+    CFG_RANGE,
+    P_RANGE,
+    AttentionFn,
+    blocks_src_index,
+    sample_p2p_params,
+    shared_attention,
+    sharing_on,
+)
+from ..algorithms.seeds import row_seed
 from ..dataset.instructions import excerpt
+from ..dataset.pixels import tensor_to_image
 from ..dataset.records import EditRow
 from . import memory
 from .attention import with_fused_attention
@@ -45,8 +54,6 @@ from .edit import SamplingSettings, decode, encode_text, sigmas_for
 from .guider import matching_text
 from .loading import is_ip2p
 
-# Per-sample seeds stay inside a signed 64-bit integer: dataset writers store them in int64 columns.
-SEED_LIMIT = 2**63
 LATENT_SCALE = 8
 
 BlockKey = tuple[str, int, int]
@@ -172,10 +179,10 @@ def plan_samples(pair_count: int, settings: P2PSettings) -> list[SamplePlan]:
     Sample n always gets the same seed, p and cfg for a given node seed, whatever the batch size.
     """
     count = pair_count * settings.samples_per_pair
-    generator = torch.Generator().manual_seed(settings.seed % SEED_LIMIT)
+    generator = torch.Generator().manual_seed(row_seed(settings.seed))
     params = sample_p2p_params(count, generator, settings.p_range, settings.cfg_range)
     return [
-        SamplePlan(pair=n // settings.samples_per_pair, seed=(settings.seed + n) % SEED_LIMIT,
+        SamplePlan(pair=n // settings.samples_per_pair, seed=row_seed(settings.seed, n),
                    p=float(params.p[n]), cfg=float(params.cfg[n]))
         for n in range(count)
     ]
@@ -295,7 +302,8 @@ class ShareSchedule:
 
 
 class SharedSelfAttention:
-    """attn1 replace patch: edited rows take their source's q and k; one fused attention call for the batch.
+    """attn1 replace patch running algorithms/p2p_attention.shared_attention: edited rows take their source's q and
+    k; one fused attention call for the batch.
 
     `previous` is the attn1 replace patch this one displaces (it then gets the rewritten q and k);
     `attn_fn(q, k, v, heads)` replaces ComfyUI's optimized attention (tests pass an explicit softmax).
@@ -309,17 +317,18 @@ class SharedSelfAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         index = self.schedule.src_index(extra_options, q.shape[0], q.device)
-        if index is not None:
-            q, k = q.index_select(0, index), k.index_select(0, index)
+        return shared_attention(q, k, v, extra_options["n_heads"], index, self.attention(extra_options))
+
+    def attention(self, extra_options: dict) -> AttentionFn:
+        """What attends once the rows have their shared q and k: the displaced patch, the caller's attn_fn, or
+        ComfyUI's optimized attention (looked up at call time: ComfyUI picks it at start-up, packs may swap it)."""
         if self.previous is not None:
-            return self.previous(q, k, v, extra_options)
-        heads = extra_options["n_heads"]
+            return lambda q, k, v, heads: self.previous(q, k, v, extra_options)  # noqa: ARG005 (ComfyUI's callback signature)
         if self.attn_fn is not None:
-            return self.attn_fn(q, k, v, heads)
-        # Looked up at call time: ComfyUI picks it at start-up and other packs may swap it.
+            return self.attn_fn
         attention = comfy.ldm.modules.attention.optimized_attention
-        return attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
-                         transformer_options=extra_options)
+        return lambda q, k, v, heads: attention(q, k, v, heads, attn_precision=extra_options.get("attn_precision"),
+                                                transformer_options=extra_options)
 
 
 def sharing_model(model, p: Sequence[float]):
@@ -354,7 +363,7 @@ class P2PGuider(comfy.samplers.CFGGuider):
     def set_cfg(self, cfg) -> None:  # type: ignore[override]
         self.cfg = torch.as_tensor(cfg, dtype=torch.float32).flatten()
 
-    def predict_noise(self, x, timestep, model_options=None, seed=None):
+    def predict_noise(self, x, timestep, model_options=None, seed=None):  # noqa: ARG002 (ComfyUI's callback signature)
         # Checked once per model call so a cancel lands within one step, whatever the sampler.
         comfy.model_management.throw_exception_if_processing_interrupted()
         model_options = model_options if model_options is not None else {}
@@ -426,7 +435,7 @@ class SharedNoise:
         if uses_brownian_noise(sampler_name):
             return self._brownian(sigmas)
 
-        def gaussian(sigma, sigma_next):
+        def gaussian(sigma, sigma_next):  # noqa: ARG001 (ComfyUI's callback signature)
             return self.draw().to(device=sigma.device)
 
         return gaussian
@@ -495,7 +504,7 @@ class PairProgress:
         start = self.done
         self.done += steps
 
-        def update(step, x0, x, total_steps):
+        def update(step, x0, x, total_steps):  # noqa: ARG001 (ComfyUI's callback signature)
             preview = None
             if self.previewer is not None:
                 pair = torch.cat([x0[:1], x0[samples:samples + 1]], dim=-1)
@@ -529,11 +538,6 @@ def sample_batch(model, positive: list, negative: list, plans: Sequence[SamplePl
         disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=plans[0].seed),
         "the pair generation", memory.P2P_ADVICE)
     return samples.to(comfy.model_management.intermediate_device())
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    pixels = (image[..., :3].float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    return Image.fromarray(pixels)
 
 
 @dataclass
@@ -614,5 +618,5 @@ def encode_captions(clip, captions: Sequence[str], cache: dict[str, list]) -> li
 
 def pair_row(pair: CaptionPair, plan: SamplePlan, source: torch.Tensor, edited: torch.Tensor) -> EditRow:
     return EditRow(input_caption=pair.input_caption, instruction=pair.instruction,
-                   output_caption=pair.output_caption, input_image=to_pil(source), edited_image=to_pil(edited),
-                   seed=plan.seed, p=plan.p, cfg=plan.cfg, group=pair.group)
+                   output_caption=pair.output_caption, input_image=tensor_to_image(source),
+                   edited_image=tensor_to_image(edited), seed=plan.seed, p=plan.p, cfg=plan.cfg, group=pair.group)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..training.files import save_safetensors
 
 UNET_PREFIX = "model.diffusion_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
@@ -86,23 +87,6 @@ def _fill_random(shapes: dict[str, torch.Size], seed: int, dtype: torch.dtype) -
     return out
 
 
-def _write_safetensors(path: str | os.PathLike, sd: dict, metadata: dict[str, str]) -> Path:
-    """Writes atomically (temp file + rename) and returns the path."""
-    import safetensors.torch
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(sd, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def _meta_shapes(build) -> dict[str, torch.Size]:
     with torch.device("meta"):
         module = build()
@@ -167,4 +151,4 @@ def checkpoint_state_dict(kind: str = "ip2p", size: str = "tiny", seed: int = 0,
 def write_checkpoint(path: str | os.PathLike, kind: str = "ip2p", size: str = "tiny", seed: int = 0) -> Path:
     """Writes the checkpoint atomically (temp file + rename) and returns its path."""
     metadata = {"comfyui_ip2p.random_model": json.dumps({"kind": kind, "size": size, "seed": seed})}
-    return _write_safetensors(path, checkpoint_state_dict(kind, size, seed), metadata)
+    return save_safetensors(checkpoint_state_dict(kind, size, seed), path, metadata)

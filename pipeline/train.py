@@ -33,13 +33,14 @@ import torch
 
 from ..dataset.formats import FORMATS
 from ..dataset.paths import resolve_inside
+from ..dataset.pixels import image_to_tensor
 from ..dataset.records import EditRow
 from ..training.config import TrainConfig
 from ..training.data import crop_flip, load_pair, make_batches, place, read_rows
 from ..training.distributed import World
-from ..training.files import atomic_write, save_bytes, save_safetensors, save_torch
+from ..training.files import save_bytes, save_file, save_safetensors, save_torch
 from ..training.identity import RunIdentity, check_resumable, claim_run, dataset_fingerprint, weights_fingerprint
-from ..training.plots import image_tensor, loss_curve, validation_grid
+from ..training.plots import loss_curve, validation_grid
 from ..training.trainer import Hooks, TrainableModel, Trainer
 from .edit import SamplingSettings, decode, encode_text, sample
 from .guider import make_guider
@@ -105,7 +106,7 @@ def save_full_checkpoint(path: Path, model, clip, vae, metadata: dict[str, str],
     comfy.model_management.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
     state = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
     state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()}
-    return atomic_write(path, lambda tmp: comfy.utils.save_torch_file(state, tmp, metadata=metadata))
+    return save_file(path, lambda tmp: comfy.utils.save_torch_file(state, tmp, metadata=metadata))
 
 
 # --- validation --------------------------------------------------------------------------------------------
@@ -187,8 +188,8 @@ class Session:
                 for i, positive in enumerate(validator.positives):
                     latent = validator.image_latents[i:i + 1]
                     guider = make_guider(patcher, positive, validator.negative, latent, 1.5, 7.5)
-                    samples = sample(guider, torch.zeros_like(latent), validator.settings,
-                                     callback=lambda *args: None)
+                    # no canvas preview for validation samples
+                    samples = sample(guider, torch.zeros_like(latent), validator.settings, callback=lambda *_: None)
                     edits.append(decode(self.vae, samples)[0].permute(2, 0, 1))
         finally:
             release(patcher)
@@ -345,11 +346,12 @@ def run_training(model, clip, vae, dataset: dict, config: TrainConfig, files: Ru
     grid = validator.grid() if validator is not None else None
     stats = {"cache_seconds": cache_seconds, "train_seconds": trainer.seconds,
              "samples_per_second": trainer.samples_per_step * len(trainer.losses) / max(trainer.seconds, 1e-9),
-             "cached": session.config.cache_latents,
-             # Equal on every rank of a data-parallel run (the ranks never drift apart); costs O(tensors).
-             "weights_fingerprint": weights_fingerprint(trainer.weights(ema=False))}
-    return TrainOutcome(model=trained, loss_image=image_tensor(loss_curve(trainer.losses)),
-                        validation_image=image_tensor(grid) if grid is not None else torch.zeros(1, 64, 64, 3),
+             "cached": session.config.cache_latents}
+    if world.size > 1:
+        # Reported by every rank of a data-parallel run, where it must be equal (the ranks never drift apart).
+        stats["weights_fingerprint"] = weights_fingerprint(trainer.weights(ema=False))
+    return TrainOutcome(model=trained, loss_image=image_to_tensor(loss_curve(trainer.losses))[None],
+                        validation_image=image_to_tensor(grid)[None] if grid is not None else torch.zeros(1, 64, 64, 3),
                         model_path=files.model, step=trainer.step, finished=finished, stats=stats)
 
 

@@ -80,7 +80,7 @@ def training_base(model, device: torch.device):
     return copy.to(device)
 
 
-def _sdpa(func, *args, **kwargs):
+def _sdpa(func, *args, **kwargs):  # noqa: ARG001 (ComfyUI's callback signature)
     # PyTorch's fused attention has a backward pass on every device; sub-quadratic/sage/flash may not.
     return comfy.ldm.modules.attention.attention_pytorch(*args, **kwargs)
 

@@ -125,3 +125,19 @@ class ComfyServer:
 
     def run(self, prompt: dict, timeout: float = 600.0) -> dict:
         return self.wait(self.queue(prompt), timeout)
+
+
+def upload(server, data: bytes, filename: str, subfolder: str) -> dict:
+    """ComfyUI's own /upload/image (it stores any file in input/): how a remote user plants a dataset. Returns
+    the server's answer after checking that the file went where asked."""
+    boundary = uuid.uuid4().hex
+    parts = [(f'--{boundary}\r\nContent-Disposition: form-data; name="subfolder"\r\n\r\n{subfolder}\r\n').encode(),
+             (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
+              "Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n",
+             f"--{boundary}--\r\n".encode()]
+    request = urllib.request.Request(server.url + "/upload/image", data=b"".join(parts),
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer = json.loads(response.read())
+    assert answer["subfolder"] == subfolder, answer
+    return answer

@@ -69,6 +69,13 @@ class ToyUNet(torch.nn.Module):
         return self.out(h)
 
 
+def scaled_linear_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085,
+                                 beta_end: float = 0.012) -> torch.Tensor:
+    """Stable Diffusion 1.x's noise schedule ("scaled_linear" betas), for the toy UNet's trainer."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
 def toy_encode_images(pixels: torch.Tensor) -> torch.Tensor:
     """A 'VAE' that is exactly equivariant to flips and 8-pixel-aligned crops: 8x8 average pooling."""
     pooled = torch.nn.functional.avg_pool2d(pixels * 2.0 - 1.0, 8)

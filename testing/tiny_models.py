@@ -24,7 +24,6 @@ from ..pipeline.random_model import (  # noqa: F401 (re-exported for tests and b
     UNetLayout,
     _fill_random,
     _meta_shapes,
-    _write_safetensors,
     checkpoint_state_dict,
     clip_l_state_dict,
     kl_vae_state_dict,
@@ -32,6 +31,7 @@ from ..pipeline.random_model import (  # noqa: F401 (re-exported for tests and b
     unet_state_dict,
     write_checkpoint,
 )
+from ..training.files import save_safetensors
 
 
 def diffusers_unet_config(layout: UNetLayout, in_channels: int) -> dict:
@@ -100,7 +100,7 @@ def sdxl_state_dict(seed: int = 0, dtype=torch.float16) -> dict:
 def write_sdxl_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
     """Writes the tiny SDXL-family checkpoint (atomically) and returns its path."""
     metadata = {"comfyui_ip2p.random_model": json.dumps({"kind": "sdxl", "seed": seed})}
-    return _write_safetensors(path, sdxl_state_dict(seed), metadata)
+    return save_safetensors(sdxl_state_dict(seed), path, metadata)
 
 
 # --- a ControlNet and a LoRA that fit a given SD1.5 layout -----------------------------------------------------
@@ -123,7 +123,7 @@ def controlnet_state_dict(layout: UNetLayout, seed: int = 0, dtype=torch.float16
 
 def write_controlnet(path: str | os.PathLike, layout_name: str = "tiny", seed: int = 0) -> Path:
     sd = controlnet_state_dict(LAYOUTS[layout_name], seed)
-    return _write_safetensors(path, sd, {"comfyui_ip2p.random_model": json.dumps({"kind": "controlnet"})})
+    return save_safetensors(sd, path, {"comfyui_ip2p.random_model": json.dumps({"kind": "controlnet"})})
 
 
 def lora_state_dict(unet_sd: dict, rank: int = 4, seed: int = 0, scale: float = 0.5) -> dict:
@@ -145,5 +145,5 @@ def write_lora(path: str | os.PathLike, checkpoint: str | os.PathLike, seed: int
     """A random LoRA for the UNet of the checkpoint file at `checkpoint`."""
     import safetensors.torch
 
-    return _write_safetensors(path, lora_state_dict(safetensors.torch.load_file(str(checkpoint)), seed=seed),
-                              {"comfyui_ip2p.random_model": json.dumps({"kind": "lora"})})
+    return save_safetensors(lora_state_dict(safetensors.torch.load_file(str(checkpoint)), seed=seed), path,
+                            {"comfyui_ip2p.random_model": json.dumps({"kind": "lora"})})

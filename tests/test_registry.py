@@ -290,7 +290,11 @@ def package_modules(staged: Path) -> list[Path]:
 
 
 def test_shipped_code_imports_relatively_and_installs_nothing(staged):
-    assert not [n for n in archive_files(staged) if n.startswith("tests/")], "the registry archive ships tests"
+    names = archive_files(staged)
+    for tool in ("tests/", "testing/", "bench/", "scripts/"):
+        assert not [n for n in names if n.startswith(tool)], f"the registry archive ships {tool}"
+    assert not [n for n in names if n.endswith(("synthetic.py", "openai_server.py", "probe_nodes.py"))], (
+        "test material is in the registry archive")
     files = package_modules(staged)
     assert any(f.name == "nodes_edit.py" for f in files)
     assert not (staged / "install.py").exists(), "ComfyUI-Manager would run install.py: keep to requirements.txt"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from comfyui_ip2p.dataset.paths import is_temp
 from comfyui_ip2p.testing.synthetic import invert_rows
 
 pytestmark = pytest.mark.slow
@@ -29,7 +30,7 @@ CLI = ["-m", "comfyui_ip2p.cli.train"]
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, comfy_base, tiny_ip2p_ckpt) -> Iterator[dict[str, Path]]:
-    from comfyui_ip2p.dataset.formats import write_rows
+    from comfyui_ip2p.testing.edit_rows import write_rows
 
     root = tmp_path_factory.mktemp("train_cli")
     write_rows(invert_rows(12, size=32, seed=0), root, "dataset", "reference")
@@ -115,5 +116,5 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(inpu
         assert torch.equal(state["params"][key], reference["params"][key]), key
     for key in reference["ema"]["shadow"]:
         assert torch.equal(state["ema"]["shadow"][key], reference["ema"]["shadow"][key]), key
-    leftovers = [p.name for p in (inputs["root"] / "killed").rglob("*.tmp")]
+    leftovers = [p.name for p in (inputs["root"] / "killed").rglob("*") if is_temp(p)]
     assert leftovers == []

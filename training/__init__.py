@@ -2,7 +2,8 @@
 
 config (hyper-parameters), data (datasets -> augmented, encoded batches; latent cache), dropout (the paper's
 conditioning dropout), objective (noising and eps/v targets), ema, trainer (the loop, accumulation,
-clipping, autocast, resumable state), distributed (data-parallel over torch.distributed), files (atomic
+clipping, autocast, resumable state), distributed (data-parallel over torch.distributed, the device and the
+process group of every multi-process command), rendezvous (processes meeting at the end of a job), files (atomic
 writes), plots (loss curve, validation grid), identity (run ids and resume fingerprints). The ComfyUI side is
 pipeline/train.py (with pipeline/trainee.py, lora.py and memory.py); the command line is cli/train.py.
 """

@@ -54,11 +54,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        for setting in dataclasses.fields(self):
-            value = getattr(self, setting.name)
-            # NaN passes every range check below and would silently train NaN weights.
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{setting.name} must be a finite number, got {value}")
+        self._check_finite()
         positive = ("steps", "batch_size", "grad_accumulation", "resolution", "lora_rank", "validation_steps")
         for name in positive:
             if getattr(self, name) < 1:
@@ -76,17 +72,19 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
+    def _check_finite(self) -> None:
+        for setting in dataclasses.fields(self):
+            value = getattr(self, setting.name)
+            # NaN passes every range check in validate and would silently train NaN weights.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{setting.name} must be a finite number, got {value}")
+
     @property
     def uses_ema(self) -> bool:
         return self.ema_decay > 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

@@ -19,11 +19,11 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ..dataset.formats import load_rows
+from ..dataset.pixels import image_to_tensor
 from ..dataset.records import EditRow, open_image
 
 FACTOR = 8  # pixels per latent pixel
@@ -68,17 +68,16 @@ def fit_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     return (resolution, new_h) if width <= height else (new_w, resolution)
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
 def load_pair(row: EditRow, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Input and edited image as [3, H, W] in [0, 1] at the input's fitted size (Lanczos)."""
     source, edited = open_image(row.input_image).convert("RGB"), open_image(row.edited_image).convert("RGB")
     size = fit_size(*source.size, resolution)
     resize = Image.Resampling.LANCZOS
-    return to_tensor(source.resize(size, resize)), to_tensor(edited.resize(size, resize))
+    return _channels_first(source.resize(size, resize)), _channels_first(edited.resize(size, resize))
+
+
+def _channels_first(image: Image.Image) -> torch.Tensor:
+    return image_to_tensor(image).permute(2, 0, 1).contiguous()
 
 
 def place(u: torch.Tensor, height: int, width: int, resolution: int, random_crop: bool,

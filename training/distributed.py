@@ -4,6 +4,10 @@ Every process draws the same random numbers for the whole global batch and train
 gradients are averaged across processes before clipping, so every process takes the same optimizer step and
 the run equals a single process with the same global batch (up to float summation order). Only rank 0
 writes files.
+
+Also the one place for what every command launched on several processes needs: the process's place (World,
+launched_world), its GPU (pick_device) and the process group (init_world, close_world), used by cli/train.py
+and, through training/rendezvous.py, by cli/build_dataset.py.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import torch.distributed as dist
 
 # Gradients are summed in buckets of this many elements, so a 1B-parameter model needs no second full copy.
 BUCKET_ELEMENTS = 32 * 2**20
+# How long a collective waits for the slowest process before it fails.
+GROUP_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -100,11 +106,21 @@ def launched_world(env: Mapping[str, str] | None = None) -> World:
     return world
 
 
-def init_world(world: World, use_cuda: bool) -> World:
-    """Joins the process group (NCCL on GPUs, gloo on CPUs) when more than one process was launched."""
+def pick_device(world: World) -> bool:
+    """True when CUDA is available; on a machine with several GPUs each process takes the one of its local rank
+    (ComfyUI and torch then use the current device)."""
+    use_cuda = torch.cuda.is_available()
+    if use_cuda and torch.cuda.device_count() > 1:
+        torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
+    return use_cuda
+
+
+def init_world(world: World, use_cuda: bool, timeout: datetime.timedelta = GROUP_TIMEOUT) -> World:
+    """Joins the process group (NCCL on GPUs, gloo on CPUs) when more than one process was launched; the launcher's
+    MASTER_ADDR / MASTER_PORT say where the processes meet."""
     if world.size > 1 and not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group(backend=backend, rank=world.rank, world_size=world.size, timeout=timeout)
     return world
 
 

@@ -56,7 +56,7 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         missing = set(self.names) - set(state["shadow"])
         if missing:
-            raise ValueError(f"saved EMA lacks {len(missing)} weights (e.g. {sorted(missing)[0]})")
+            raise ValueError(f"saved EMA lacks {len(missing)} weights (e.g. {min(missing)})")
         self.decay = state["decay"]
         self.updates = state["updates"]
         for s, name in zip(self.shadow, self.names, strict=True):

@@ -1,8 +1,9 @@
-"""Atomic file writes: a temp file next to the target, fsync, then os.replace.
+"""Model files, training state and run pictures, written whole or not at all, with failures said in words.
 
-A run killed mid-write leaves at most a hidden `.<name>.<pid>.tmp` beside the target, never a truncated file
-under the final name (a reader sees the old file or the new one). Temp names end in .tmp, so ComfyUI's model
-lists never show them.
+The writing itself is dataset.paths.atomic_write, the pack's one atomic writer (a hidden `.<name>.tmp-<pid>`
+beside the target, fsync, rename): a run killed mid-write leaves at most that temporary, never a truncated file
+under the final name. Here the folder is created, temporaries of earlier killed writers of the same file are
+removed, and a failure becomes a WriteFailedError that says where and why.
 """
 
 from __future__ import annotations
@@ -13,27 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..dataset.paths import atomic_write, remove_temps
 from ..dataset.writer import write_failure
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
-# Files are shared with ComfyUI and other users like any file this process creates (not 0600 like mkstemp).
-FILE_MODE = 0o666 & ~_umask()
-
-
-def temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def remove_stale_temps(path: Path) -> None:
-    """Temp files of earlier, killed writers of `path`."""
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)
 
 
 class WriteFailedError(OSError, ValueError):
@@ -42,28 +24,20 @@ class WriteFailedError(OSError, ValueError):
     An OSError, as the failure is one; also a ValueError, so the nodes report it under their name."""
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+def save_file(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
     """Calls `write(temp_path)` and moves the result over `path` only when it completed.
 
     A failed write raises WriteFailedError saying where and why; the previous file stays as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(path)
-    tmp = temp_path(path)
+    remove_temps(path.parent, of=path.name)
     try:
-        write(str(tmp))
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, path)
+        return atomic_write(path, lambda tmp: write(str(tmp)))
     except Exception as error:
         # Writers fail in their own words (safetensors "os error 28", torch "unexpected pos"): say it plainly.
         raise WriteFailedError(f"could not write {path}: {write_failure(error)}. The previous {path.name} (if "
                                "any) is unchanged; free space and run again") from error
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
@@ -71,12 +45,12 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     import safetensors.torch
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
+    return save_file(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
 
 
 def save_torch(obj: object, path: str | os.PathLike) -> Path:
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    return save_file(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_bytes(data: bytes, path: str | os.PathLike) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+    return save_file(path, lambda tmp: Path(tmp).write_bytes(data))

@@ -39,10 +39,3 @@ class NoiseSchedule:
             return noise
         signal, sigma = self._coefficients(t, x0)
         return signal * noise - sigma * x0
-
-
-def scaled_linear_alphas_cumprod(steps: int = 1000, beta_start: float = 0.00085,
-                                 beta_end: float = 0.012) -> torch.Tensor:
-    """Stable Diffusion 1.x's schedule ("scaled_linear" betas), for models without a schedule of their own."""
-    betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
-    return torch.cumprod(1.0 - betas, dim=0)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from ..dataset.pixels import tensor_to_image
 
 BACKGROUND, AXES, RAW, SMOOTH = (255, 255, 255), (60, 60, 60), (170, 190, 230), (20, 70, 170)
 
@@ -51,18 +52,12 @@ def loss_curve(losses: Sequence[float], width: int = 640, height: int = 320) -> 
     return image
 
 
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """[3, H, W] or [H, W, 3] in [0, 1] -> PIL."""
-    if image.shape[0] == 3 and image.ndim == 3:
-        image = image.permute(1, 2, 0)
-    array = (image.detach().float().clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
-    return Image.fromarray(array)
-
-
 def validation_grid(inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor],
                     edits: Sequence[tuple[int, Sequence[torch.Tensor]]], instructions: Sequence[str]) -> Image.Image:
-    """One row per validation sample: input, target, then the model's edit after each validated step."""
-    tiles = [to_pil(t) for t in inputs]
+    """One row per validation sample: input, target, then the model's edit after each validated step.
+
+    Every image is [3, H, W] in [0, 1], as the trainer holds it."""
+    tiles = [_picture(t) for t in inputs]
     side = max(128, *(max(t.size) for t in tiles))
     header, label = 18, 14
     columns = 2 + len(edits)
@@ -76,11 +71,10 @@ def validation_grid(inputs: Sequence[torch.Tensor], targets: Sequence[torch.Tens
         y = header + row * (side + label)
         cells = [inputs[row], targets[row], *[images[row] for _, images in edits]]
         for column, cell in enumerate(cells):
-            grid.paste(to_pil(cell).resize((side, side)), (column * side, y))
+            grid.paste(_picture(cell).resize((side, side)), (column * side, y))
         draw.text((4, y + side), instruction[:80], fill=AXES, font=font)
     return grid
 
 
-def image_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL -> a ComfyUI IMAGE batch [1, H, W, 3] in [0, 1]."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]
+def _picture(image: torch.Tensor) -> Image.Image:
+    return tensor_to_image(image.permute(1, 2, 0))

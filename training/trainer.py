@@ -273,7 +273,7 @@ class Trainer:
         missing = set(self.model.params) - set(state["params"])
         if missing:
             raise ValueError(f"the saved training state lacks {len(missing)} weights of this model "
-                             f"(e.g. {sorted(missing)[0]}): it belongs to another model or mode")
+                             f"(e.g. {min(missing)}): it belongs to another model or mode")
         for name, p in self.model.params.items():
             p.copy_(state["params"][name])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -1,10 +1,9 @@
-"""Turns the browser tests' screenshots into the committed pictures: template thumbnails and README images.
+"""Turns the browser tests' screenshots into the README images (docs/images/*.jpg, each well under 300 KB).
 
     bash scripts/test.sh tests/browser        # writes test-artifacts/browser/*.png
     .runtime/venv/bin/python tests/browser/update_images.py
 
-Thumbnails: example_workflows/<name>.jpg (square, what ComfyUI's template browser shows beside <name>.json).
-README images: docs/images/*.jpg. Each file stays well under 300 KB.
+Template thumbnails show what a template makes, not its graph: scripts/build_thumbnails.py builds them.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from PIL import Image
 
 PACK = Path(__file__).resolve().parents[2]
 SHOTS = PACK / "test-artifacts" / "browser"
-THUMBNAIL_SIDE = 512
 # README picture name -> screenshot it is made from
 README_IMAGES = {
     "edit_in_comfyui.jpg": "queued_instruct_edit.png",
@@ -32,15 +30,6 @@ def save_jpeg(image: Image.Image, path: Path, quality: int = 85) -> None:
     print(f"wrote {path.relative_to(PACK)} ({size // 1024} KB)")
 
 
-def thumbnails() -> None:
-    for workflow in sorted((PACK / "example_workflows").glob("*.json")):
-        shot = SHOTS / f"graph_{workflow.stem}.png"
-        if not shot.is_file():
-            raise SystemExit(f"missing {shot}: run the browser tests first")
-        with Image.open(shot) as image:
-            save_jpeg(image.resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.LANCZOS), workflow.with_suffix(".jpg"))
-
-
 def readme_images() -> None:
     target = PACK / "docs" / "images"
     target.mkdir(parents=True, exist_ok=True)
@@ -50,6 +39,5 @@ def readme_images() -> None:
 
 
 if __name__ == "__main__":
-    thumbnails()
     readme_images()
     sys.exit(0)

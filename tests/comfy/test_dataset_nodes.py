@@ -14,9 +14,9 @@ import pytest
 import torch
 from comfyui_ip2p.cli.runtime import run_prompt
 from comfyui_ip2p.dataset.clip_filter import ClipEncoder
-from comfyui_ip2p.dataset.formats import FORMATS, write_rows
+from comfyui_ip2p.dataset.formats import FORMATS
 from comfyui_ip2p.dataset.records import EditRow
-from comfyui_ip2p.testing.edit_rows import random_rows
+from comfyui_ip2p.testing.edit_rows import random_rows, write_rows
 from comfyui_ip2p.testing.openai_server import FakeOpenAIServer, Reply
 from comfyui_ip2p.testing.tiny_clip import TINY_CLIP, write_tiny_clip
 from PIL import Image

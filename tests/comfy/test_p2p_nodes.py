@@ -154,8 +154,8 @@ def forward_inputs(batch: int):
 
 
 def test_patched_attention_equals_the_explicit_softmax_reference(sharp_t2i):
-    from comfyui_ip2p.algorithms.p2p_attention import explicit_attention, explicit_shared_attention
     from comfyui_ip2p.pipeline.p2p import patch_sharing, self_attention_keys, sharing_model
+    from comfyui_ip2p.testing.attention import explicit_attention, explicit_shared_attention
 
     model = sharp_t2i[0]
     # Two samples, CFG batch [cond_src, cond_edit, uncond_src, uncond_edit] with 2 rows per part; at step 0
@@ -192,8 +192,8 @@ def test_patched_attention_equals_the_explicit_softmax_reference(sharp_t2i):
 
 
 def test_an_earlier_attn1_replace_patch_still_runs_with_the_shared_queries(t2i):
-    from comfyui_ip2p.algorithms.p2p_attention import sdpa_attention
     from comfyui_ip2p.pipeline.p2p import patch_sharing, self_attention_keys
+    from comfyui_ip2p.testing.attention import sdpa_attention
 
     model = t2i[0]
     seen: list[torch.Tensor] = []

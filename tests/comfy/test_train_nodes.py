@@ -8,8 +8,9 @@ import uuid
 import pytest
 import torch
 from comfyui_ip2p.cli.runtime import run_prompt
-from comfyui_ip2p.dataset.formats import write_rows
+from comfyui_ip2p.testing.edit_rows import write_rows
 from comfyui_ip2p.testing.synthetic import INSTRUCTION, invert_rows
+from comfyui_ip2p.testing.threads import torch_threads
 
 TRAIN = {"mode": "full", "steps": 4, "batch_size": 2, "grad_accumulation": 1, "learning_rate": 1e-4,
          "resolution": 32, "seed": 0, "ema_decay": 0.9, "cache_latents": True, "gradient_checkpointing": False,
@@ -20,10 +21,8 @@ TRAIN = {"mode": "full", "steps": 4, "batch_size": 2, "grad_accumulation": 1, "l
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """The tiny model's ops are small: a second thread gains little and spins on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +61,7 @@ def train_graph(loader: str, checkpoint: str, dataset: str, name: str, **overrid
                                                           "max_rows": 0, "preview_count": 2}},
         "3": {"class_type": "TrainIP2P", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
                                                     "dataset": ["2", 0], "checkpoint_name": name,
-                                                    **{**TRAIN, **overrides}}},
+                                                    **TRAIN, **overrides}},
     }
 
 
@@ -238,19 +237,19 @@ def test_cached_latents_equal_encoding_every_step_on_the_real_vae(comfy_base, ti
 @pytest.mark.slow
 def test_training_learns_to_invert_colours(comfy_base, tiny_ip2p_ckpt):
     """Held-out shapes: after training, the edit is much closer to the inverted image than before."""
+    from comfyui_ip2p.dataset.pixels import image_to_tensor
     from comfyui_ip2p.pipeline.edit import SamplingSettings, edit_latents, encode_text
     from comfyui_ip2p.pipeline.loading import load_ip2p
     from comfyui_ip2p.pipeline.train import RunFiles, run_training
     from comfyui_ip2p.pipeline.trainee import encode_images
     from comfyui_ip2p.training.config import TrainConfig
-    from comfyui_ip2p.training.data import to_tensor
 
     name = unique("learn")
     write_rows(invert_rows(32, size=32, seed=0), comfy_base / "output", name, "reference")
     model, clip, vae = load_ip2p(tiny_ip2p_ckpt)
     held_out = invert_rows(4, size=32, seed=99)
-    source = encode_images(vae, torch.stack([to_tensor(r.input_image) for r in held_out]))
-    target = encode_images(vae, torch.stack([to_tensor(r.edited_image) for r in held_out]))
+    source = encode_images(vae, torch.stack([image_to_tensor(r.input_image).permute(2, 0, 1) for r in held_out]))
+    target = encode_images(vae, torch.stack([image_to_tensor(r.edited_image).permute(2, 0, 1) for r in held_out]))
     positive, negative = encode_text(clip, INSTRUCTION), encode_text(clip, "")
     settings = SamplingSettings(steps=10, seed=3, sampler_name="euler", image_scale=1.0, text_scale=1.0)
 

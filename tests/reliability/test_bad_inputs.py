@@ -48,7 +48,7 @@ class Names:
 def prepared(comfy_base: Path, tiny_ip2p_ckpt: str, tiny_t2i_ckpt: str) -> Iterator[Names]:
     """Probe nodes registered; a tiny SDXL-family checkpoint, broken checkpoint files, CLIP-filter weights
     and a small dataset in the session's base folder (the checkpoints are removed afterwards)."""
-    from comfyui_ip2p.dataset.formats import write_rows
+    from comfyui_ip2p.testing.edit_rows import write_rows
     from comfyui_ip2p.testing.synthetic import invert_rows
 
     probe_nodes.register()
@@ -258,7 +258,7 @@ TOO_MANY_WINDOWS = "snow " * 1500  # ~1500 tokens, 7500 characters: 20 CLIP wind
 LONG_BUT_FINE = "make it look like a snowy winter morning " * 20  # 160 tokens: 3 windows
 
 CASES = [
-    # InstructEdit: images
+    # -- InstructEdit: images --
     Case("edit-rgba", lambda n: edit(n, image(channels=4)), Ok((1, 24, 40, 3))),
     Case("edit-grayscale", lambda n: edit(n, image(channels=1)), Ok((1, 24, 40, 3))),
     Case("edit-1x1", lambda n: edit(n, image(height=1, width=1)), Ok((1, 1, 1, 3))),
@@ -274,7 +274,7 @@ CASES = [
     Case("edit-batch-0", lambda n: edit(n, image(batch=0)), Refused("InstructEdit", ("B >= 1",))),
     Case("edit-nan-pixels", lambda n: edit(n, image(fill="half_nan")), Refused("InstructEdit", ("NaN",))),
     Case("edit-inf-pixels", lambda n: edit(n, image(fill="inf")), Refused("InstructEdit", ("infinite",))),
-    # InstructEdit: text
+    # -- InstructEdit: text --
     Case("edit-empty-instruction", lambda n: edit(n, instruction=""), Ok((1, 24, 40, 3))),
     Case("edit-unicode-instruction", lambda n: edit(n, instruction="mach es winterlich \u2744\ufe0f \u202e\x00"),
          Ok((1, 24, 40, 3))),
@@ -285,7 +285,7 @@ CASES = [
          Refused("InstructEdit", ("100000 characters",))),
     Case("edit-negative-100k-chars", lambda n: edit(n, negative="y" * 100_000),
          Refused("InstructEdit", ("100000 characters",))),
-    # InstructEdit: scales and steps
+    # -- InstructEdit: scales and steps --
     Case("edit-scales-0", lambda n: edit(n, image_guidance=0.0, text_guidance=0.0), Ok((1, 24, 40, 3))),
     Case("edit-image-scale-nan-float", lambda n: edit(n, image_guidance=float("nan")),
          Refused("InstructEdit", ("image_guidance must be a finite number",))),

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 import torch
 from comfyui_ip2p.cli.runtime import run_prompt
-from comfyui_ip2p.dataset.formats import load_rows, write_rows
+from comfyui_ip2p.dataset.formats import load_rows
 from comfyui_ip2p.dataset.paths import is_temp
 from comfyui_ip2p.dataset.records import EditRow
-from comfyui_ip2p.testing.edit_rows import random_rows
+from comfyui_ip2p.testing.edit_rows import random_rows, write_rows
+from comfyui_ip2p.testing.threads import torch_threads
 from comfyui_ip2p.testing.tiny_clip import write_tiny_clip
 from PIL import Image
 
@@ -256,7 +257,7 @@ def dual_cfg_case(nodes, ckpt, image_name, model, clip, vae, image):
 
 def guidance_grid_case(nodes, ckpt, image_name, model, clip, vae, image):
     values = {"instruction": "make it winter", "image_guidance_values": "1.0, 1.5", "text_guidance_values": "7.5",
-              **{**EDIT, "steps": 4}, "resolution": 64}
+              **EDIT, "steps": 4, "resolution": 64}
     graph = {**loaders(ckpt, image_name),
              "3": {"class_type": "IP2PGuidanceGrid", "inputs": {**edit_inputs(), **values}},
              "9": save(["3", 1], "cancel_grid")}
@@ -404,8 +405,8 @@ def check_whole(comfy_nodes, folder: Path, fmt: str, source: list[EditRow], tmp_
         original = by_key[(row.group, row.seed)]
         assert (row.input_caption, row.instruction, row.output_caption) == (
             original.input_caption, original.instruction, original.output_caption)
-        for got, want in ((row.input_image, original.input_image), (row.edited_image, original.edited_image)):
-            got = Image.open(got) if isinstance(got, Path) else got
+        for stored, want in ((row.input_image, original.input_image), (row.edited_image, original.edited_image)):
+            got = Image.open(stored) if isinstance(stored, Path) else stored
             assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(want))
     keys = [(r.group, r.seed) for r in loaded]
     assert len(set(keys)) == len(keys), "a row is on disk twice"
@@ -458,10 +459,8 @@ TRAIN = {"mode": "lora", "steps": 4, "batch_size": 2, "grad_accumulation": 1, "l
 @pytest.fixture()
 def one_thread():
     """The tiny model's ops are small: a second thread gains little and spins on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def run_files(comfy_base: Path, name: str) -> list[Path]:
@@ -527,7 +526,7 @@ def test_cancel_during_training_saves_a_whole_resumable_state_and_leaves_the_mod
                                                                    "preview_count": 0}},
                  "3": {"class_type": "TrainIP2P", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
                                                              "dataset": ["2", 0], "checkpoint_name": name,
-                                                             **{**settings, "resume": True}}}}
+                                                             **settings, "resume": True}}}
         run_prompt(graph).raise_for_error()
         resumed = check_run_files(comfy_base, name)
         assert resumed["step"] == 4 and resumed["losses"] == pytest.approx(reference["losses"], rel=1e-5)

@@ -22,14 +22,14 @@ import pytest
 from comfyui_ip2p.cli.runtime import run_prompt
 from comfyui_ip2p.dataset import formats
 from comfyui_ip2p.dataset.format_parquet import arrow_schema
-from comfyui_ip2p.testing.edit_rows import random_rows
+from comfyui_ip2p.testing.comfy_server import upload
+from comfyui_ip2p.testing.edit_rows import BARN_PROMPT as PROMPT
+from comfyui_ip2p.testing.edit_rows import foreign_reference_pair, jpeg_bytes, random_rows, write_rows
 from PIL import Image
 
 TAG = uuid.uuid4().hex[:8]
 SECRET_TEXT = f"IP2P-TRUST-SENTINEL-{uuid.uuid4().hex}"
 SECRET_RGB = (201, 13, 177)
-PROMPT = {"caption": "a photo of a barn", "input": "a photo of a barn", "edit": "make it snow",
-          "output": "a photo of a barn in snow"}
 TWO_RECORDS = (b'{"seed": 1, "p2p_threshold": 0.3, "cfg_scale": 8.0}\n'
                b'{"seed": 2, "p2p_threshold": 0.7, "cfg_scale": 9.5}')
 
@@ -71,26 +71,11 @@ def digest(path: Path) -> str:
 
 
 def jpg(seed: int, size: int = 24, color: tuple[int, int, int] | None = None) -> bytes:
-    if color is None:
-        pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    else:
-        pixels = np.full((size, size, 3), color, np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
+    return jpeg_bytes(seed, size, color)
 
 
 def reference_folder(folder: Path, seeds: tuple[int, ...], metadata: bytes) -> Path:
-    """A reference dataset as the paper's generator writes it (no manifest, no group key in prompt.json)."""
-    pair = folder / "0000000"
-    pair.mkdir(parents=True)
-    (folder / "seeds.json").write_text(json.dumps([["0000000", list(seeds)]]))
-    (pair / "prompt.json").write_text(json.dumps(PROMPT))
-    for seed in seeds:
-        (pair / f"{seed}_0.jpg").write_bytes(jpg(seed))
-        (pair / f"{seed}_1.jpg").write_bytes(jpg(seed + 50))
-    (pair / "metadata.jsonl").write_bytes(metadata)
-    return pair
+    return foreign_reference_pair(folder, seeds, metadata)
 
 
 def peak_rss_reset(pid: int) -> bool:
@@ -142,21 +127,6 @@ def bomb_parquet_bytes() -> bytes:
     return out.getvalue()
 
 
-def upload(server, data: bytes, filename: str, subfolder: str) -> None:
-    """ComfyUI's own /upload/image (it stores any file in input/): how a remote user plants a dataset."""
-    import urllib.request
-
-    boundary = uuid.uuid4().hex
-    parts = [(f'--{boundary}\r\nContent-Disposition: form-data; name="subfolder"\r\n\r\n{subfolder}\r\n').encode(),
-             (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
-              "Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n",
-             f"--{boundary}--\r\n".encode()]
-    request = urllib.request.Request(server.url + "/upload/image", data=b"".join(parts),
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        assert json.loads(response.read())["subfolder"] == subfolder
-
-
 def test_a_parquet_of_decompression_bombs_is_refused_and_the_server_survives(comfy_server, comfy_base):
     data = bomb_parquet_bytes()
     assert len(data) < 200_000
@@ -173,7 +143,7 @@ def test_a_parquet_of_decompression_bombs_is_refused_and_the_server_survives(com
     assert grown < (150 if resettable else 1000), f"peak RSS grew by {grown:.0f} MB"
     assert comfy_server.get("/system_stats")["system"]
     good = f"trust_good_{TAG}"
-    formats.write_rows(random_rows(groups=1, per_group=2, size=32), comfy_base / "input", good, "diffusers")
+    write_rows(random_rows(groups=1, per_group=2, size=32), comfy_base / "input", good, "diffusers")
     assert outcome(comfy_server, load_graph(f"input/{good}"))[0] == ""
 
 
@@ -194,11 +164,11 @@ def fifo_in_place_of(path: Path) -> None:
 
 def test_a_fifo_in_a_dataset_fails_fast_and_the_executor_stays_free(comfy_server, comfy_base):
     image_case = comfy_base / "input" / f"trust_fifo_image_{TAG}"
-    formats.write_rows(random_rows(groups=1, per_group=2, size=32), image_case.parent, image_case.name,
+    write_rows(random_rows(groups=1, per_group=2, size=32), image_case.parent, image_case.name,
                        "reference", image_format="jpg")
     fifo_in_place_of(next((image_case / "0000000").glob("*_0.jpg")))
     shard_case = comfy_base / "input" / f"trust_fifo_shard_{TAG}"
-    formats.write_rows(random_rows(groups=1, per_group=2, size=32), shard_case.parent, shard_case.name, "diffusers")
+    write_rows(random_rows(groups=1, per_group=2, size=32), shard_case.parent, shard_case.name, "diffusers")
     fifo_in_place_of(shard_case / "data/train-00000.parquet")
     try:
         for case in (image_case, shard_case):
@@ -211,7 +181,7 @@ def test_a_fifo_in_a_dataset_fails_fast_and_the_executor_stays_free(comfy_server
         shutil.rmtree(shard_case)
     interrupt(comfy_server)
     good = f"trust_after_fifo_{TAG}"
-    formats.write_rows(random_rows(groups=1, per_group=1, size=32), comfy_base / "input", good, "reference")
+    write_rows(random_rows(groups=1, per_group=1, size=32), comfy_base / "input", good, "reference")
     text, seconds = outcome(comfy_server, load_graph(f"input/{good}"), timeout=60)
     assert text == "" and seconds < 30, text
 
@@ -226,7 +196,7 @@ def sentinel(comfy_base) -> Path:
     (folder / "prompt.json").write_text(json.dumps({**PROMPT, "edit": SECRET_TEXT}))
     rows = [formats.EditRow(SECRET_TEXT, SECRET_TEXT, SECRET_TEXT, jpg(0, color=SECRET_RGB),
                             jpg(1, color=SECRET_RGB), seed=i) for i in range(2)]
-    formats.write_rows(rows, folder, "secret", "diffusers")
+    write_rows(rows, folder, "secret", "diffusers")
     return folder
 
 
@@ -261,7 +231,7 @@ def test_links_out_of_a_dataset_are_refused_and_nothing_outside_is_copied(comfy_
     messages = {}
     for case, (fmt, relative, target) in cases.items():
         name = f"trust_link_{case}_{TAG}"
-        formats.write_rows(random_rows(groups=1, per_group=2, size=32), inputs, name, fmt, image_format="jpg")
+        write_rows(random_rows(groups=1, per_group=2, size=32), inputs, name, fmt, image_format="jpg")
         linked(inputs / name, relative, target)
         text, _ = outcome(comfy_server, copy_graph(f"input/{name}", f"trust_copy_{case}_{TAG}"))
         assert text.startswith("LoadEditDataset: ") and "outside the dataset folder" in text, text
@@ -284,7 +254,7 @@ def test_load_edit_dataset_reads_exactly_the_rows_written(comfy_nodes, comfy_bas
     for count in (0, 1, 5):
         name = f"trust_rows_{fmt}_{count}_{TAG}"
         rows = random_rows(groups=1, per_group=count, size=32) if count else []
-        formats.write_rows(rows, comfy_base / "input", name, fmt, image_format="png")
+        write_rows(rows, comfy_base / "input", name, fmt, image_format="png")
         handle, loaded, inputs, edits = node.execute(dataset=f"input/{name}", format="auto", max_rows=0,
                                                      preview_count=4).args
         assert (handle["format"], len(loaded), inputs.shape[0], edits.shape[0]) == (fmt, count, *[min(count, 4)] * 2)
@@ -302,7 +272,7 @@ def test_previews_of_large_images_stay_within_the_budget(comfy_nodes, comfy_base
     big = [formats.EditRow("a", "b", "c", Image.new("RGB", (3000, 2400), (i * 40, 90, 30)),
                            Image.new("RGB", (3000, 2400), (30, i * 40, 90)), seed=i) for i in range(3)]
     name = f"trust_big_{TAG}"
-    formats.write_rows(big, comfy_base / "input", name, "diffusers")
+    write_rows(big, comfy_base / "input", name, "diffusers")
     node = comfy_nodes["LoadEditDataset"]
     for count in (1, 3):
         _, rows, inputs, edits = node.execute(dataset=f"input/{name}", format="auto", max_rows=0,

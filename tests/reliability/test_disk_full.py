@@ -19,9 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from comfyui_ip2p.dataset.formats import FORMATS, load_rows, write_rows
+from comfyui_ip2p.dataset.formats import FORMATS, load_rows
 from comfyui_ip2p.dataset.instruction_cache import InstructionCache
 from comfyui_ip2p.dataset.records import EditRow, open_image
+from comfyui_ip2p.testing.edit_rows import write_rows
 from comfyui_ip2p.testing.openai_server import FakeOpenAIServer
 from PIL import Image
 
@@ -258,7 +259,7 @@ def test_cache_append_on_a_full_disk_fails_clearly_and_loses_no_answer(comfy_bas
         assert "answers cached before are kept" in message
         assert cache_path.read_bytes().startswith(before), "nothing cached before may be lost"
         cache = InstructionCache(cache_path)
-        assert {caption for caption in captions[:2]} <= {json.loads(line)["caption"] for line in
+        assert set(captions[:2]) <= {json.loads(line)["caption"] for line in
                                                           before.decode().splitlines() if '"caption"' in line}
         assert cache.skipped_lines <= 1, "at most the one torn line, which loading skips"
 

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 from comfyui_ip2p.cli.runtime import comfyui_dir
-from comfyui_ip2p.dataset.formats import load_rows, write_rows
+from comfyui_ip2p.dataset.formats import load_rows
 from comfyui_ip2p.dataset.paths import is_temp, read_jsonl
 from comfyui_ip2p.testing.comfy_server import ComfyServer
+from comfyui_ip2p.testing.edit_rows import write_rows
 from comfyui_ip2p.testing.openai_server import FakeOpenAIServer
 from comfyui_ip2p.testing.synthetic import invert_rows
 from comfyui_ip2p.testing.tiny_clip import write_tiny_clip

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 import uuid
 from collections.abc import Callable
@@ -37,7 +38,7 @@ FAULTS: dict[str, tuple[Reply, str]] = {
 @pytest.fixture()
 def fast_llm_settings(comfy_nodes, monkeypatch):
     # The module ComfyUI loaded the pack from (custom_nodes/), not a second import of it under another name.
-    work = sys.modules[comfy_nodes["GenerateEditInstructions"].__module__].work
+    work = sys.modules[comfy_nodes["GenerateEditInstructions"].__module__].instructions
     monkeypatch.setattr(work, "LLM_TIMEOUT_S", TIMEOUT_S)
     monkeypatch.setattr(work, "LLM_RETRY", RETRY)
 
@@ -146,6 +147,27 @@ def test_nothing_succeeded_fails_naming_the_node_and_what_to_do(comfy_nodes, llm
     assert result.error["node_type"] == "GenerateEditInstructions"
     assert message.startswith("GenerateEditInstructions: no usable instructions: 0 rows from 2 captions"), message
     assert words in message and advice in message, message
+
+
+def test_nothing_succeeded_reaches_a_program_as_data_the_builder_counts(comfy_nodes, llm, caplog):
+    """The canvas shows the message above; a program gets the same failure as data: the error's class (matched
+    by name: ComfyUI runs its own copy of the pack) and the counts it carries. The builder reads nothing else."""
+    from comfyui_ip2p.cli import build_dataset as bd
+    from comfyui_ip2p.dataset.instructions import NoUsableInstructionsError
+
+    captions = captions_of(uuid.uuid4().hex[:8], 2)
+    llm.set_responder(lambda request: Reply.server_error(503))
+    with caplog.at_level(logging.ERROR):
+        result = run_prompt(graph(llm, captions), handled=(NoUsableInstructionsError,))
+    assert not result.ok and result.error["exception_type"].endswith("IP2PNodeError"), result.error
+    assert result.error["exception_message"].startswith("GenerateEditInstructions: no usable instructions")
+    empty = result.raised(NoUsableInstructionsError)
+    assert empty is not None, result.exception
+    assert (empty.stats["requested"], empty.stats["failed"], empty.stats["unanswered"]) == (2, 2, 2)
+    outcome = bd.chunk_outcome(result, {bd.LLM: "1"})
+    assert (outcome.complete, outcome.new_rows, outcome.unanswered, outcome.fetched) == (False, 0, 2, 0)
+    assert "server error (HTTP 503)" in outcome.note, outcome.note
+    assert "Exception during processing" not in caplog.text, "a failure the caller handles is not logged as a crash"
 
 
 def test_retry_after_is_waited_for_then_the_answer_arrives(comfy_nodes, llm):

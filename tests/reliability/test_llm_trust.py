@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from comfyui_ip2p.cli import build_dataset as bd
 from comfyui_ip2p.cli.runtime import run_prompt
+from comfyui_ip2p.dataset import sharding as sh
 from comfyui_ip2p.dataset.formats import load_rows
 from comfyui_ip2p.dataset.instruction_cache import cache_key
 from comfyui_ip2p.dataset.instructions import (
@@ -34,10 +35,10 @@ from comfyui_ip2p.dataset.instructions import (
     Sampling,
     build_request,
 )
+from comfyui_ip2p.dataset.node_stats import STATS_KEY
 from comfyui_ip2p.testing.openai_server import FakeOpenAIServer, RecordedRequest, Reply, ScriptedResponder
 from comfyui_ip2p.testing.tiny_clip import write_tiny_clip
 
-STATS = "ip2p_stats"
 TOO_LONG = "malformed output: too long (over 400 characters)"
 NO_SEPARATOR = "malformed output: no separator"
 RETRY = RetryPolicy(max_attempts=2, backoff_base=0.01, backoff_max=0.02)
@@ -96,10 +97,11 @@ def node_key(base_url: str, caption: str) -> str:
 
 @pytest.fixture()
 def quick(comfy_nodes, monkeypatch):
-    work = sys.modules[comfy_nodes["GenerateEditInstructions"].__module__].work
-    monkeypatch.setattr(work, "LLM_RETRY", RETRY)
-    monkeypatch.setattr(work, "LLM_TIMEOUT_S", 2.0)
-    return work
+    """The dataset nodes' module as ComfyUI loaded it (custom_nodes/), its LLM retries and timeout shortened."""
+    nodes_module = sys.modules[comfy_nodes["GenerateEditInstructions"].__module__]
+    monkeypatch.setattr(nodes_module.instructions, "LLM_RETRY", RETRY)
+    monkeypatch.setattr(nodes_module.instructions, "LLM_TIMEOUT_S", 2.0)
+    return nodes_module
 
 
 @pytest.fixture()
@@ -266,10 +268,10 @@ def test_only_good_answers_are_cached_and_a_rerun_asks_only_for_the_missing(quic
         result = run_prompt(graph(llm.base_url, c))
         assert result.ok, result.error
         text = result.outputs["1"]["text"][0]
-        stats = result.outputs["1"][STATS][0]
+        stats = result.outputs["1"][STATS_KEY][0]
         asked = dict(script.asked)
 
-        assert asked == {c[0]: 3, c[6]: 1, **{x: ANSWER_ATTEMPTS for x in c[1:6]}}, "unusable answers are re-asked"
+        assert asked == {c[0]: 3, c[6]: 1, **dict.fromkeys(c[1:6], ANSWER_ATTEMPTS)}, "unusable answers are re-asked"
         assert (stats["ok"], stats["fetched"], stats["cached"], stats["unanswered"]) == (2, 2, 0, 4)
         assert stats["skipped"] == {NO_SEPARATOR: 1, NOT_JSON: 1, EMPTY: 1, IDENTICAL: 1, TOO_LONG: 1}
         # The text says what the data says.
@@ -290,7 +292,7 @@ def test_only_good_answers_are_cached_and_a_rerun_asks_only_for_the_missing(quic
         llm.set_responder(fixed)
         rerun = run_prompt(graph(llm.base_url, c))
         assert rerun.ok and sorted(fixed.asked) == sorted(c[1:6])
-        assert rerun.outputs["1"][STATS][0]["cached"] == 2
+        assert rerun.outputs["1"][STATS_KEY][0]["cached"] == 2
         assert rerun.outputs["1"]["text"][0].startswith("7 rows from 7 captions (2 cached, 5 fetched)")
 
 
@@ -307,7 +309,7 @@ def test_a_cache_written_by_hand_with_a_malformed_answer_is_ignored(quick, comfy
         result = run_prompt(graph(llm.base_url, [caption]))
         assert result.ok, result.error
         assert [r.caption() for r in llm.requests] == [caption], "the poisoned entries are not an answer"
-    assert result.outputs["1"][STATS][0]["ignored_cache"] == 1
+    assert result.outputs["1"][STATS_KEY][0]["ignored_cache"] == 1
     assert f"sink it {tag}" not in path.read_text(encoding="utf-8"), "raw text of an older version is removed"
 
 
@@ -332,7 +334,7 @@ def test_p2p_skips_a_caption_the_text_encoder_refuses_and_draws_the_others(quick
                   "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 2]}}}
         result = run_prompt(prompt)
     assert result.ok, result.error
-    stats = result.outputs["4"][STATS][0]
+    stats = result.outputs["4"][STATS_KEY][0]
     assert (stats["pairs"], stats["rows"]) == (3, 2)
     assert stats["skipped"] == {"caption refused by the text encoder": 1}
     assert len(result.outputs["5"]["images"]) == 2, "the two good pairs were drawn"
@@ -347,7 +349,7 @@ def test_clip_filter_skips_a_row_whose_image_does_not_decode(quick, comfy_base, 
     from comfyui_ip2p.dataset.records import EditRow
     from PIL import Image
 
-    work = quick
+    work = quick.clip_work  # pipeline/clip_filter.py as ComfyUI loaded it
     image = Image.new("RGB", (32, 32), (200, 30, 30))
     rows = [EditRow("a red square", "make it blue", "a blue square", image, image, seed=0, group="a"),
             EditRow("a broken file", "fix it", "a fixed file", b"\x89PNG\r\n\x1a\nnot really", image, seed=1,
@@ -385,7 +387,7 @@ def test_builder_exits_partial_and_a_rerun_asks_exactly_the_missing(comfy_base, 
     c = [f"a photo of a {thing} {tag}" for thing in ("cat", "dog", "bird", "fish")]
     (tmp_path / "captions.txt").write_text("\n".join(c) + "\n")
     name = f"trust/partial_{tag}"
-    layout = bd.Layout(comfy_base / "output", name)
+    layout = sh.Layout(comfy_base / "output", name)
     # Chunk 1 holds c0, c1: no usable answer (format), so it is not recorded as done. Chunk 2 holds c2 (an edit
     # identical to its caption after every ask: the paper drops it) and c3 (good): recorded as done.
     script = ScriptedResponder({c[0]: ["malformed"], c[1]: ["not_json", "empty"], c[2]: ["identical"]})
@@ -403,7 +405,7 @@ def test_builder_exits_partial_and_a_rerun_asks_exactly_the_missing(comfy_base, 
         assert sorted({r.input_caption for r in load_rows(layout.merged)}) == [c[3]]
         mine = [line for line in cache_lines(comfy_base) if tag in line.get("caption", "")]
         assert [line["caption"] for line in mine] == [c[3]], "only the good answer is cached"
-        assert set(bd.read_json(layout.progress(0))["chunks"]) == {"1"}, "the unanswered chunk is not done"
+        assert set(sh.read_json(layout.progress(0))["chunks"]) == {"1"}, "the unanswered chunk is not done"
 
         llm.reset()
         fixed = ScriptedResponder({})  # the endpoint recovered
@@ -425,7 +427,7 @@ def test_one_hostile_caption_is_skipped_and_every_other_row_is_merged(comfy_base
     captions = [*good[:4], hostile, *good[4:]]
     (tmp_path / "captions.txt").write_text("\n".join(captions) + "\n")
     name = f"trust/hostile_{tag}"
-    layout = bd.Layout(comfy_base / "output", name)
+    layout = sh.Layout(comfy_base / "output", name)
 
     def respond(request: RecordedRequest) -> Reply:
         # A short, well-formed answer even for the hostile caption, so that a later node has to refuse it.
@@ -443,4 +445,4 @@ def test_one_hostile_caption_is_skipped_and_every_other_row_is_merged(comfy_base
     listed = rf"P2PPairGenerator: 'snow snow .*\({len(hostile)} characters\)': caption refused by the text encoder: "
     assert re.search(listed + r"the text fills \d+ CLIP windows", done.stdout), done.stdout
     assert "1 rows were refused by a node" in done.stderr and "asks exactly" not in done.stderr
-    assert len(bd.read_json(layout.progress(0))["chunks"]) == 2, "every chunk ran and was recorded"
+    assert len(sh.read_json(layout.progress(0))["chunks"]) == 2, "every chunk ran and was recorded"

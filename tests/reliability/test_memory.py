@@ -12,8 +12,8 @@ import weakref
 import pytest
 import torch
 from comfyui_ip2p.cli.runtime import run_prompt
-from comfyui_ip2p.dataset.formats import write_rows
 from comfyui_ip2p.dataset.records import EditRow
+from comfyui_ip2p.testing.edit_rows import write_rows
 from comfyui_ip2p.testing.tiny_clip import write_tiny_clip
 from PIL import Image
 

@@ -10,7 +10,6 @@ import http.client
 import json
 import os
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -19,8 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from comfyui_ip2p.cli.runtime import format_error, run_prompt
-from comfyui_ip2p.dataset.formats import write_rows
 from comfyui_ip2p.dataset.records import EditRow
+from comfyui_ip2p.testing.comfy_server import upload
+from comfyui_ip2p.testing.edit_rows import write_rows
 from comfyui_ip2p.testing.openai_server import FakeOpenAIServer
 from PIL import Image
 
@@ -516,19 +516,6 @@ def outcome(server, prompt: dict) -> str:
             return "\n".join(errors) if status.get("status_str") != "success" else ""
         time.sleep(0.2)
     raise TimeoutError(f"prompt {prompt_id} did not finish")
-
-
-def upload(server, data: bytes, filename: str, subfolder: str) -> dict:
-    """ComfyUI's own /upload/image (it stores any file in input/): how a remote user plants a dataset."""
-    boundary = uuid.uuid4().hex
-    parts = [(f'--{boundary}\r\nContent-Disposition: form-data; name="subfolder"\r\n\r\n{subfolder}\r\n').encode(),
-             (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{filename}"\r\n'
-              "Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n",
-             f"--{boundary}--\r\n".encode()]
-    request = urllib.request.Request(server.url + "/upload/image", data=b"".join(parts),
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
 
 
 @pytest.mark.server

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 from comfyui_ip2p.cli.runtime import format_error, run_prompt
-from comfyui_ip2p.dataset.formats import write_rows
+from comfyui_ip2p.testing.edit_rows import write_rows
 from comfyui_ip2p.testing.synthetic import invert_rows
+from comfyui_ip2p.testing.threads import torch_threads
 
 TAG = uuid.uuid4().hex[:8]
 SETTINGS = {"mode": "full", "steps": 1, "batch_size": 1, "grad_accumulation": 1, "learning_rate": 1e-4,
@@ -31,10 +32,8 @@ OUTSIDE_TEXT = "TrainIP2P: the dataset handle points outside ComfyUI's input and
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """The tiny model's ops are small: a second thread gains little and spins on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -78,7 +77,7 @@ def graph(ckpt: str, name: str, dataset: str | dict, loader: str = "LoadIP2PMode
         dataset = ["2", 0]
     prompt["3"] = {"class_type": "TrainIP2P", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
                                                          "dataset": dataset, "checkpoint_name": name,
-                                                         **{**SETTINGS, **overrides}}}
+                                                         **SETTINGS, **overrides}}
     return prompt
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from comfyui_ip2p.cli.workflow import ui_to_api
-from comfyui_ip2p.dataset.formats import write_rows
+from comfyui_ip2p.testing.edit_rows import write_rows
 from comfyui_ip2p.testing.synthetic import invert_rows
 from PIL import Image
 
@@ -27,12 +27,9 @@ def by_type(prompt: dict, class_type: str) -> dict:
 
 
 def saved(comfy_base: Path, entry: dict, prefix: str) -> list[Path]:
-    files = []
-    for output in entry["outputs"].values():
-        for image in output.get("images", []):
-            if image["type"] == "output" and image["filename"].startswith(prefix):
-                files.append(comfy_base / "output" / image["subfolder"] / image["filename"])
-    return files
+    return [comfy_base / "output" / image["subfolder"] / image["filename"]
+            for output in entry["outputs"].values() for image in output.get("images", [])
+            if image["type"] == "output" and image["filename"].startswith(prefix)]
 
 
 def test_train_workflow_matches_its_generator(comfy_server):

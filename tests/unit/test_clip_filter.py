@@ -213,6 +213,19 @@ def test_shorter_side_resize_keeps_aspect_then_crops():
     assert clip_filter.to_clip_input(torch.rand(3, 30, 50, 3), size=12).shape == (3, 3, 12, 12)
 
 
+def test_an_image_is_resized_once_on_its_way_to_clip():
+    # Rows are fitted to CLIP's size before batching (pipeline/clip_filter.py); the encoder must not resize them
+    # again, so scoring a fitted image and the original gives the same CLIP input to the bit.
+    image = torch.rand(1, 30, 50, 3, generator=torch.Generator().manual_seed(4))
+    for mode in ("shortest", "squash"):
+        fitted = clip_filter.fit_to_clip(image, 12, mode)
+        assert fitted.shape == (1, 12, 12, 3)
+        again = clip_filter.fit_to_clip(fitted, 12, mode)
+        assert torch.equal(again, fitted) and again.data_ptr() == fitted.data_ptr()  # the same pixels, not a copy
+        assert torch.equal(clip_filter.to_clip_input(fitted, 12, resize_mode=mode),
+                           clip_filter.to_clip_input(image, 12, resize_mode=mode))
+
+
 def test_grey_and_rgba_images_become_rgb():
     grey = torch.full((1, 8, 8, 1), 0.5)
     rgba = torch.cat([torch.full((1, 8, 8, 3), 0.5), torch.zeros(1, 8, 8, 1)], dim=-1)
@@ -247,7 +260,7 @@ def test_encoder_reads_the_models_preprocessing(encoder):
 def test_image_features_are_unit_and_batching_does_not_change_them(encoder):
     images = torch.rand(5, 40, 56, 3, generator=torch.Generator().manual_seed(1))
     batched = encoder.encode_images(images, batch_size=2)
-    one_by_one = encoder.encode_images_one_by_one(images)
+    one_by_one = encoder.encode_images(images, batch_size=1)
     assert batched.shape == (5, 16)
     torch.testing.assert_close(batched.norm(dim=-1), torch.ones(5))
     torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
@@ -285,7 +298,9 @@ def test_filter_image_pairs_groups_by_caption_pair(encoder):
     captions_0 = ["a cat"] * 4 + ["a house"] * 2
     captions_1 = ["a dog"] * 4 + ["a house at night"] * 2
     keep_all = ClipFilterConfig(min_sim_0=-1, min_sim_1=-1, min_sim_dir=-1, min_sim_image=-1, max_per_group=3)
-    result = clip_filter.filter_image_pairs(encoder, images_0, images_1, captions_0, captions_1, keep_all)
+    # Scored and filtered as the node does: pairs grouped by their (caption, edited caption).
+    scores = encoder.score_pairs(images_0, images_1, captions_0, captions_1)
+    result = clip_filter.filter_pairs(scores, list(zip(captions_0, captions_1, strict=True)), keep_all)
     kept = result.kept.tolist()
     cat_rows, house_rows = kept[:3], kept[3:]
     assert set(cat_rows) < {0, 1, 2, 3} and sorted(house_rows) == [4, 5]

@@ -13,6 +13,7 @@ from comfyui_ip2p.dataset import formats
 from comfyui_ip2p.dataset.paths import resolve_inside
 from comfyui_ip2p.dataset.records import EditRow, caption_group, open_image, row_key
 from comfyui_ip2p.dataset.writer import WriterBusyError
+from comfyui_ip2p.testing.edit_rows import write_rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -86,14 +87,14 @@ def assert_same_rows(got: list[EditRow], want: list[EditRow], exact_pixels: bool
 )
 def test_round_trip_keeps_captions_pixels_and_scores(tmp_path, fmt, options):
     rows = make_rows(5)
-    assert formats.write_rows(rows, tmp_path, "ds", fmt, **options) == 5
+    assert write_rows(rows, tmp_path, "ds", fmt, **options) == 5
 
     assert formats.detect_format(tmp_path / "ds") == fmt
     assert_same_rows(formats.load_rows(tmp_path / "ds"), rows)
 
 
 def test_public_shards_split_by_rows_per_shard(tmp_path):
-    formats.write_rows(make_rows(5), tmp_path, "ds", "public", rows_per_shard=2)
+    write_rows(make_rows(5), tmp_path, "ds", "public", rows_per_shard=2)
 
     shards = sorted(p.name for p in (tmp_path / "ds/data").iterdir())
     assert shards == ["train-00000.parquet", "train-00001.parquet", "train-00002.parquet"]
@@ -102,7 +103,7 @@ def test_public_shards_split_by_rows_per_shard(tmp_path):
 
 def test_reference_jpeg_is_close_and_stored_as_jpeg(tmp_path):
     rows = make_rows(3)
-    formats.write_rows(rows, tmp_path, "ds", "reference")
+    write_rows(rows, tmp_path, "ds", "reference")
 
     stored = tmp_path / "ds/0000000" / f"{rows[0].seed}_0.jpg"
     assert Image.open(stored).format == "JPEG"
@@ -111,7 +112,7 @@ def test_reference_jpeg_is_close_and_stored_as_jpeg(tmp_path):
 
 def test_reference_files_follow_the_paper_layout(tmp_path):
     rows = make_rows(5, per_group=2)
-    formats.write_rows(rows, tmp_path, "ds", "reference")
+    write_rows(rows, tmp_path, "ds", "reference")
     root = tmp_path / "ds"
 
     seeds = json.loads((root / "seeds.json").read_text())
@@ -225,9 +226,9 @@ def test_a_failed_atomic_write_leaves_neither_a_temp_file_nor_a_changed_file(tmp
 
 @pytest.mark.parametrize("target", ["diffusers", "reference"])
 def test_converting_keeps_jpeg_bytes_unchanged(tmp_path, target):
-    formats.write_rows(make_rows(2), tmp_path, "src", "reference")
+    write_rows(make_rows(2), tmp_path, "src", "reference")
     source_rows = formats.load_rows(tmp_path / "src")
-    formats.write_rows(source_rows, tmp_path, "dst", target)
+    write_rows(source_rows, tmp_path, "dst", target)
 
     converted = formats.load_rows(tmp_path / "dst")
     src_by_key = {row_key(r): r for r in source_rows}
@@ -247,7 +248,7 @@ def test_converting_keeps_jpeg_bytes_unchanged(tmp_path, target):
 def test_diffusers_dataset_loads_in_hf_datasets_as_images(tmp_path):
     import datasets
     rows = make_rows(3)
-    formats.write_rows(rows, tmp_path, "ds", "diffusers", rows_per_shard=2)
+    write_rows(rows, tmp_path, "ds", "diffusers", rows_per_shard=2)
     folder = tmp_path / "ds"
 
     by_folder = datasets.load_dataset(str(folder), cache_dir=str(tmp_path / "hf_cache"))["train"]
@@ -273,7 +274,7 @@ def test_diffusers_dataset_loads_in_hf_datasets_as_images(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["reference", "diffusers"])
 def test_iter_rows_yields_early_rows_before_touching_later_ones(tmp_path, fmt):
-    formats.write_rows(make_rows(4, per_group=2), tmp_path, "ds", fmt, **_small_shards(fmt))
+    write_rows(make_rows(4, per_group=2), tmp_path, "ds", fmt, **_small_shards(fmt))
     folder = tmp_path / "ds"
     # Break the last part of the dataset: a lazy reader still yields the first rows before failing.
     if fmt == "reference":
@@ -315,7 +316,7 @@ def test_seedless_rows_get_a_stable_content_key_and_stay_seedless(tmp_path):
     assert row_key(row) == row_key(twin) != row_key(other)
 
     for fmt in ("reference", "diffusers"):
-        assert formats.write_rows([row, twin, other], tmp_path, fmt, fmt, image_format="png") == 2
+        assert write_rows([row, twin, other], tmp_path, fmt, fmt, image_format="png") == 2
         loaded = formats.load_rows(tmp_path / fmt)
         assert [r.seed for r in loaded] == [None, None]
         assert {row_key(r) for r in loaded} == {row_key(row), row_key(other)}
@@ -350,7 +351,7 @@ def test_second_writer_on_the_same_folder_is_refused(tmp_path):
 
 
 def test_writer_refuses_other_format_and_foreign_folders(tmp_path):
-    formats.write_rows(make_rows(1), tmp_path, "ds", "reference")
+    write_rows(make_rows(1), tmp_path, "ds", "reference")
     with pytest.raises(ValueError, match="holds a 'reference' dataset"):
         formats.open_writer(tmp_path, "ds", "public")
     (tmp_path / "photos").mkdir()

@@ -30,11 +30,9 @@ from comfyui_ip2p.dataset.paths import (
 )
 from comfyui_ip2p.dataset.records import EditRow, ImageTooLargeError, open_image
 from comfyui_ip2p.dataset.writer import MANIFEST_NAME, OLD_MANIFEST_NAME
-from comfyui_ip2p.testing.edit_rows import random_rows
+from comfyui_ip2p.testing.edit_rows import BARN_PROMPT as PROMPT
+from comfyui_ip2p.testing.edit_rows import foreign_reference_pair, jpeg_bytes, random_rows, write_rows
 from PIL import Image
-
-PROMPT = {"caption": "a photo of a barn", "input": "a photo of a barn", "edit": "make it snow",
-          "output": "a photo of a barn in snow"}
 
 
 def digest(path: Path) -> str:
@@ -42,23 +40,12 @@ def digest(path: Path) -> str:
 
 
 def jpg(seed: int, size: int = 24) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
+    return jpeg_bytes(seed, size)
 
 
 def foreign_reference(folder: Path, metadata: bytes, seeds: tuple[int, ...] = (1, 2)) -> Path:
     """A reference dataset written by another tool (the paper's generator): no manifest, no group key."""
-    pair = folder / "0000000"
-    pair.mkdir(parents=True)
-    (folder / "seeds.json").write_text(json.dumps([["0000000", list(seeds)]]))
-    (pair / "prompt.json").write_text(json.dumps(PROMPT))
-    for seed in seeds:
-        (pair / f"{seed}_0.jpg").write_bytes(jpg(seed))
-        (pair / f"{seed}_1.jpg").write_bytes(jpg(seed + 50))
-    (pair / "metadata.jsonl").write_bytes(metadata)
-    return pair
+    return foreign_reference_pair(folder, seeds, metadata)
 
 
 def same_captions_row(seed: int) -> EditRow:
@@ -77,7 +64,7 @@ def test_append_after_a_record_without_final_newline_keeps_every_byte(tmp_path):
     pair = foreign_reference(tmp_path / "ds", TWO_RECORDS)
     images = {path.name: digest(path) for path in pair.glob("*.jpg")}
     with formats.open_writer(tmp_path, "ds", "reference", image_format="jpg") as writer:
-        assert writer.has("0000000", 1) and writer.has("0000000", 2)
+        assert {("0000000", 1), ("0000000", 2)} <= writer.keys
         assert writer.extend([same_captions_row(3), *random_rows(groups=1, per_group=1)]) == 2
     data = (pair / "metadata.jsonl").read_bytes()
     assert data.startswith(TWO_RECORDS + b"\n"), data  # old bytes untouched, the missing newline added
@@ -91,7 +78,7 @@ def test_append_after_a_record_without_final_newline_keeps_every_byte(tmp_path):
 def test_a_partial_last_line_is_kept_and_skipped_with_a_count(tmp_path):
     partial = b'{"seed": 1, "p2p_threshold": 0.3}\n{"seed": 2, "p2p_thr'
     pair = foreign_reference(tmp_path / "ds", partial)
-    formats.write_rows([same_captions_row(3)], tmp_path, "ds", "reference", image_format="jpg")
+    write_rows([same_captions_row(3)], tmp_path, "ds", "reference", image_format="jpg")
     data = (pair / "metadata.jsonl").read_bytes()
     assert data.startswith(partial + b"\n")
     records, skipped = read_jsonl_counted(pair / "metadata.jsonl")
@@ -103,7 +90,7 @@ def test_a_partial_last_line_is_kept_and_skipped_with_a_count(tmp_path):
 def test_a_foreign_metadata_file_is_not_damaged(tmp_path):
     garbage = b"\x00\xffnot json at all\r\nstill not json"
     pair = foreign_reference(tmp_path / "ds", garbage)
-    formats.write_rows([same_captions_row(3)], tmp_path, "ds", "reference", image_format="jpg")
+    write_rows([same_captions_row(3)], tmp_path, "ds", "reference", image_format="jpg")
     data = (pair / "metadata.jsonl").read_bytes()
     assert data.startswith(garbage + b"\n") and json.loads(data[len(garbage) + 1:])["seed"] == 3
     assert sorted(row.seed for row in formats.load_rows(tmp_path / "ds")) == [1, 2, 3]
@@ -152,7 +139,7 @@ def test_a_parquet_of_bomb_images_is_refused_before_decoding(tmp_path):
 
 
 def test_a_bomb_jpg_in_the_reference_layout_is_refused_naming_the_file(tmp_path):
-    formats.write_rows(random_rows(groups=1, per_group=1), tmp_path, "ds", "reference", image_format="jpg")
+    write_rows(random_rows(groups=1, per_group=1), tmp_path, "ds", "reference", image_format="jpg")
     target = next((tmp_path / "ds").glob("*/*_1.jpg"))
     Image.new("L", (9000, 8000)).save(target, format="JPEG")
     row = formats.load_rows(tmp_path / "ds")[0]
@@ -170,7 +157,7 @@ def test_the_pixel_budget_is_configurable_and_also_guards_copies(tmp_path, monke
     bomb = EditRow("a", "b", "c", bomb_png(), jpg(1), seed=1)
     for fmt in formats.FORMATS:
         with pytest.raises(ImageTooLargeError):
-            formats.write_rows([bomb], tmp_path, f"copy_{fmt}", fmt, image_format="jpg")
+            write_rows([bomb], tmp_path, f"copy_{fmt}", fmt, image_format="jpg")
 
 
 # --- 3. one door: inside the dataset, regular files, never blocking --------------------------------------------
@@ -201,7 +188,7 @@ def fifo(path: Path) -> None:
 
 @pytest.mark.parametrize("what", ["image", "prompt.json", "seeds.json", "metadata.jsonl"])
 def test_a_fifo_in_a_reference_dataset_fails_fast(tmp_path, what):
-    formats.write_rows(random_rows(groups=1, per_group=2), tmp_path, "ds", "reference", image_format="jpg")
+    write_rows(random_rows(groups=1, per_group=2), tmp_path, "ds", "reference", image_format="jpg")
     pair = tmp_path / "ds/0000000"
     target = {"image": next(pair.glob("*_0.jpg")), "prompt.json": pair / "prompt.json",
               "seeds.json": tmp_path / "ds/seeds.json", "metadata.jsonl": pair / "metadata.jsonl"}[what]
@@ -213,9 +200,9 @@ def test_a_fifo_in_a_reference_dataset_fails_fast(tmp_path, what):
 
 @pytest.mark.parametrize("fmt", ["diffusers", "public"])
 def test_a_fifo_shard_fails_fast(tmp_path, fmt):
-    formats.write_rows(random_rows(groups=1, per_group=2), tmp_path, "ds", fmt)
+    write_rows(random_rows(groups=1, per_group=2), tmp_path, "ds", fmt)
     fifo(tmp_path / "ds/data/train-00000.parquet")
-    for action in (lambda: formats.load_rows(tmp_path / "ds"), lambda: formats.write_rows([], tmp_path, "ds", fmt)):
+    for action in (lambda: formats.load_rows(tmp_path / "ds"), lambda: write_rows([], tmp_path, "ds", fmt)):
         error = finishes(action)
         assert isinstance(error, DatasetFileError) and "FIFO" in str(error), error
 
@@ -226,7 +213,7 @@ def outside(tmp_path) -> Path:
     folder = tmp_path / "outside"
     folder.mkdir()
     (folder / "prompt.json").write_text(json.dumps({**PROMPT, "edit": "SECRET-OUTSIDE"}))
-    formats.write_rows(random_rows(groups=1, per_group=1, seed=9), folder, "secret", "diffusers")
+    write_rows(random_rows(groups=1, per_group=1, seed=9), folder, "secret", "diffusers")
     return folder
 
 
@@ -239,7 +226,7 @@ def test_links_out_of_a_dataset_are_refused_without_telling_whether_the_target_e
     messages = []
     for target in (outside / "prompt.json", outside / "no_such_file.json"):
         shutil.rmtree(tmp_path / "ds", ignore_errors=True)
-        formats.write_rows(random_rows(groups=1, per_group=1), tmp_path, "ds", "reference", image_format="jpg")
+        write_rows(random_rows(groups=1, per_group=1), tmp_path, "ds", "reference", image_format="jpg")
         swap_for_link(tmp_path / "ds/0000000/prompt.json", target)
         with pytest.raises(DatasetFileError) as caught:
             formats.load_rows(tmp_path / "ds")
@@ -251,14 +238,14 @@ def test_links_out_of_a_dataset_are_refused_without_telling_whether_the_target_e
 
 @pytest.mark.parametrize("fmt", ["diffusers", "public"])
 def test_a_shard_linked_out_of_the_dataset_is_refused(tmp_path, outside, fmt):
-    formats.write_rows(random_rows(groups=1, per_group=1), tmp_path, "ds", fmt)
+    write_rows(random_rows(groups=1, per_group=1), tmp_path, "ds", fmt)
     swap_for_link(tmp_path / "ds/data/train-00000.parquet", outside / "secret/data/train-00000.parquet")
     with pytest.raises(DatasetFileError, match=r"train-00000\.parquet.*outside the dataset folder"):
         formats.load_rows(tmp_path / "ds", fmt)
 
 
 def test_an_image_swapped_for_a_link_after_listing_is_refused_when_opened(tmp_path, outside):
-    formats.write_rows(random_rows(groups=1, per_group=1), tmp_path, "ds", "reference", image_format="jpg")
+    write_rows(random_rows(groups=1, per_group=1), tmp_path, "ds", "reference", image_format="jpg")
     row = formats.load_rows(tmp_path / "ds")[0]
     assert row.input_image.dataset_root == tmp_path / "ds"
     assert pickle.loads(pickle.dumps(row)).input_image.dataset_root == tmp_path / "ds"  # DataLoader workers
@@ -269,7 +256,7 @@ def test_an_image_swapped_for_a_link_after_listing_is_refused_when_opened(tmp_pa
 
 
 def test_links_that_stay_inside_the_dataset_are_read(tmp_path):
-    formats.write_rows(random_rows(groups=1, per_group=2), tmp_path, "ds", "reference", image_format="jpg")
+    write_rows(random_rows(groups=1, per_group=2), tmp_path, "ds", "reference", image_format="jpg")
     first, second = sorted((tmp_path / "ds/0000000").glob("*_1.jpg"))
     swap_for_link(second, first)  # a deduplicating copy tool does this
     images = [np.asarray(open_image(r.edited_image)) for r in formats.load_rows(tmp_path / "ds")]
@@ -333,7 +320,7 @@ def reference_prepare_dataset(folder: Path) -> list[tuple[str, list[str]]]:
 def test_the_reference_layout_is_read_by_the_reference_code_for_every_image_option(tmp_path, image_format):
     rows = random_rows(groups=2, per_group=3, size=32)
     rows[0].mask = Image.new("L", (32, 32), 255)
-    formats.write_rows(rows, tmp_path, "ds", "reference", image_format=image_format)
+    write_rows(rows, tmp_path, "ds", "reference", image_format=image_format)
     folder = tmp_path / "ds"
     items = reference_edit_dataset(folder)
     assert len(items) == len(rows) and {edit for edit, *_ in items} == {"make it winter"}
@@ -356,7 +343,7 @@ def test_the_reference_layout_is_read_by_the_reference_code_for_every_image_opti
 def test_hf_datasets_loads_exactly_the_rows(tmp_path, fmt, count):
     datasets = pytest.importorskip("datasets")
     rows = random_rows(groups=1, per_group=count, size=16) if count else []
-    formats.write_rows(rows, tmp_path, "ds", fmt, rows_per_shard=2)
+    write_rows(rows, tmp_path, "ds", fmt, rows_per_shard=2)
     folder = tmp_path / "ds"
     bookkeeping = [p.name for p in folder.iterdir() if p.is_file()]
     assert bookkeeping and all(name.startswith(".") for name in bookkeeping), bookkeeping
@@ -375,10 +362,10 @@ def test_hf_datasets_loads_exactly_the_rows(tmp_path, fmt, count):
 
 @pytest.mark.parametrize("fmt", formats.FORMATS)
 def test_datasets_with_the_manifest_in_the_old_place_still_read_and_move_it(tmp_path, fmt):
-    formats.write_rows(random_rows(groups=1, per_group=2), tmp_path, "ds", fmt)
+    write_rows(random_rows(groups=1, per_group=2), tmp_path, "ds", fmt)
     folder = tmp_path / "ds"
     (folder / MANIFEST_NAME).rename(folder / OLD_MANIFEST_NAME)
     assert formats.detect_format(folder) == fmt and len(formats.load_rows(folder)) == 2
-    assert formats.write_rows(random_rows(groups=1, per_group=3), tmp_path, "ds", fmt) == 1
+    assert write_rows(random_rows(groups=1, per_group=3), tmp_path, "ds", fmt) == 1
     assert (folder / MANIFEST_NAME).is_file() and not (folder / OLD_MANIFEST_NAME).exists()
     assert len(formats.load_rows(folder)) == 3

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from comfyui_ip2p.dataset import formats
 from comfyui_ip2p.dataset.records import EditRow, open_image, row_key
+from comfyui_ip2p.testing.edit_rows import write_rows
 from PIL import Image
 
 TOTAL = 12
@@ -155,8 +156,8 @@ def test_reference_reader_and_writer_survive_a_torn_line_temps_and_orphans(tmp_p
     assert_rows_match(rows)
 
     with formats.open_writer(tmp_path, "ds", "reference", **OPTIONS["reference"]) as writer:
-        assert writer.has(make_row(3).group, 503)
-        assert not writer.has(make_row(4).group, 504)
+        assert (make_row(3).group, 503) in writer.keys
+        assert (make_row(4).group, 504) not in writer.keys
         assert [writer.add(make_row(i)) for i in range(6)] == [False] * 4 + [True] * 2
     # The torn tail is kept byte for byte (it could have been another tool's record) and the new records start
     # on lines of their own, so every other line parses and readers skip just that one.
@@ -202,8 +203,8 @@ def test_rows_added_before_an_error_in_the_block_are_kept(tmp_path, fmt):
 
 @pytest.mark.parametrize("fmt", ["reference", "diffusers"])
 def test_reopening_a_finished_dataset_adds_only_new_rows(tmp_path, fmt):
-    assert formats.write_rows([make_row(i) for i in range(3)], tmp_path, "ds", fmt) == 3
-    assert formats.write_rows([make_row(i) for i in range(5)], tmp_path, "ds", fmt) == 2
+    assert write_rows([make_row(i) for i in range(3)], tmp_path, "ds", fmt) == 3
+    assert write_rows([make_row(i) for i in range(5)], tmp_path, "ds", fmt) == 2
     manifest = json.loads((tmp_path / "ds/.ip2p_dataset.json").read_text())
     assert manifest["clean"] is True
     assert manifest["rows"] == 5

@@ -11,6 +11,7 @@ import pytest
 from comfyui_ip2p.dataset import instructions as ins
 from comfyui_ip2p.dataset.instruction_cache import InstructionCache
 from comfyui_ip2p.dataset.llm_client import PLACEHOLDER_KEY, REDACTED, retry_after_seconds
+from comfyui_ip2p.dataset.paths import atomic_write_bytes
 from comfyui_ip2p.testing.openai_server import FakeOpenAIServer, RecordedRequest, Reply
 from hypothesis import given
 from hypothesis import strategies as st
@@ -38,6 +39,14 @@ def api_key(monkeypatch):
 
 def endpoint(server: FakeOpenAIServer, model: str = "fake-model", timeout: float = 5.0) -> ins.Endpoint:
     return ins.Endpoint(model=model, base_url=server.base_url, api_key_env=KEY_ENV, timeout=timeout)
+
+
+def save_rows_jsonl(rows, path: Path) -> Path:
+    """Rows as the reference's generated-prompts jsonl (`input`, `edit`, `output`), written whole or not at all."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = [{"input": r.input_caption, "edit": r.instruction, "output": r.output_caption} for r in rows]
+    atomic_write_bytes(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
+    return path
 
 
 def run(server: FakeOpenAIServer, captions, **kwargs) -> ins.InstructionResult:
@@ -558,7 +567,7 @@ def test_the_key_is_never_written_anywhere(server, tmp_path):
     server.set_responder(leaky)
     cache = tmp_path / "cache" / "llm.jsonl"
     result = run(server, ["a cat", "unauthorised", "flaky", "a dog"], cache_path=cache, mode="chat")
-    ins.save_rows_jsonl(result.rows, tmp_path / "out" / "rows.jsonl")
+    save_rows_jsonl(result.rows, tmp_path / "out" / "rows.jsonl")
 
     assert server.requests[0].headers["authorization"] == f"Bearer {SECRET}"  # the key was in use
     assert result.stats.failed == 2
@@ -639,7 +648,7 @@ def test_bad_caption_files_say_where(tmp_path):
 
 def test_save_rows_uses_the_reference_keys(tmp_path):
     rows = [ins.EditInstruction("a cat", "add a hat", "a cat in a hat")]
-    path = ins.save_rows_jsonl(rows, tmp_path / "rows.jsonl")
+    path = save_rows_jsonl(rows, tmp_path / "rows.jsonl")
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
         {"input": "a cat", "edit": "add a hat", "output": "a cat in a hat"}
     ]
@@ -677,7 +686,7 @@ def test_an_echoed_key_in_any_form_is_redacted_and_never_kept(server, tmp_path, 
     assert result.rows == [] and result.stats.skipped.get(ins.QUOTED_KEY) == 1
     assert any(REDACTED in reason for reason in result.stats.reasons), result.stats.reasons
     seen = letters(json.dumps(result.stats.as_dict()) + repr(result))
-    assert all(letters(SECRET)[i:i + 10] not in seen for i in range(0, len(letters(SECRET)) - 10)), seen
+    assert all(letters(SECRET)[i:i + 10] not in seen for i in range(len(letters(SECRET)) - 10)), seen
     assert not cache.exists(), "an answer quoting the key is never cached"
 
 

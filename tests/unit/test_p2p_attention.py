@@ -1,13 +1,24 @@
-"""Prompt-to-Prompt self-attention sharing: fused path against the explicit softmax, pairing and schedule."""
+"""Prompt-to-Prompt self-attention sharing: the shipped kernel (algorithms/p2p_attention.shared_attention, what
+pipeline/p2p.py runs in every self-attention layer) against the explicit softmax, pairing and schedule."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from comfyui_ip2p.algorithms import p2p_attention as p2p
+from comfyui_ip2p.testing import attention as ref
 
 TOKENS = 12
 HEAD_DIM = 8
+
+
+def shared(q, k, v, heads: int, src_index: torch.Tensor | None) -> torch.Tensor:
+    """The shipped kernel on torch's fused attention."""
+    return p2p.shared_attention(q, k, v, heads, src_index, ref.sdpa_attention)
+
+
+def sharing_schedule(num_steps: int, p: float) -> list[bool]:
+    return [p2p.sharing_on(i, num_steps, p) for i in range(num_steps)]
 
 
 def random_qkv(batch: int, heads: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -23,18 +34,18 @@ def test_explicit_attention_matches_a_hand_computed_case():
     q = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]])
     k = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [torch.log(torch.tensor(3.0)).item() * scale, 0.0, 0.0, 0.0]]])
     v = torch.tensor([[[4.0, 0.0, 0.0, 0.0], [0.0, 8.0, 0.0, 0.0]]])
-    out = p2p.explicit_attention(q, k, v, heads=1)
+    out = ref.explicit_attention(q, k, v, heads=1)
     torch.testing.assert_close(out, torch.tensor([[[1.0, 6.0, 0.0, 0.0]]]))
-    torch.testing.assert_close(p2p.sdpa_attention(q, k, v, heads=1), out)
+    torch.testing.assert_close(ref.sdpa_attention(q, k, v, heads=1), out)
 
 
 @pytest.mark.parametrize("heads", [1, 2, 5])
 def test_fused_sharing_equals_explicit_reference_for_halves(heads):
     q, k, v = random_qkv(batch=6, heads=heads, seed=heads)
-    src_index = p2p.halves_src_index(6)
+    src_index = p2p.blocks_src_index(6, 1)
     assert src_index.tolist() == [0, 1, 2, 0, 1, 2]
-    fused = p2p.shared_attention(q, k, v, heads, src_index)
-    reference = p2p.explicit_shared_attention(q, k, v, heads, src_index)
+    fused = shared(q, k, v, heads, src_index)
+    reference = ref.explicit_shared_attention(q, k, v, heads, src_index)
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
 
 
@@ -44,26 +55,26 @@ def test_fused_sharing_equals_explicit_reference_for_a_cfg_batch(heads):
     q, k, v = random_qkv(batch=8, heads=heads, seed=10 + heads)
     src_index = p2p.blocks_src_index(8, blocks=2)
     assert src_index.tolist() == [0, 1, 0, 1, 4, 5, 4, 5]
-    fused = p2p.shared_attention(q, k, v, heads, src_index)
-    reference = p2p.explicit_shared_attention(q, k, v, heads, src_index)
+    fused = shared(q, k, v, heads, src_index)
+    reference = ref.explicit_shared_attention(q, k, v, heads, src_index)
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_edited_rows_are_the_source_map_applied_to_their_own_values():
     heads = 2
     q, k, v = random_qkv(batch=2, heads=heads, seed=3)
-    out = p2p.shared_attention(q, k, v, heads, p2p.halves_src_index(2))
+    out = shared(q, k, v, heads, p2p.blocks_src_index(2, 1))
     source_map = torch.softmax(
-        p2p.split_heads(q[:1], heads) @ p2p.split_heads(k[:1], heads).transpose(-1, -2) / HEAD_DIM**0.5,
+        ref.split_heads(q[:1], heads) @ ref.split_heads(k[:1], heads).transpose(-1, -2) / HEAD_DIM**0.5,
         dim=-1,
     )
-    expected_edit = p2p.merge_heads(source_map @ p2p.split_heads(v[1:], heads))
+    expected_edit = ref.merge_heads(source_map @ ref.split_heads(v[1:], heads))
     torch.testing.assert_close(out[1:], expected_edit, rtol=1e-5, atol=1e-5)
     # The edited row's own q and k play no part.
     other_q, other_k, _ = random_qkv(batch=2, heads=heads, seed=4)
     q2, k2 = q.clone(), k.clone()
     q2[1], k2[1] = other_q[1], other_k[1]
-    torch.testing.assert_close(p2p.shared_attention(q2, k2, v, heads, p2p.halves_src_index(2)), out)
+    torch.testing.assert_close(shared(q2, k2, v, heads, p2p.blocks_src_index(2, 1)), out)
 
 
 def test_rows_that_do_not_share_are_plain_attention():
@@ -71,20 +82,20 @@ def test_rows_that_do_not_share_are_plain_attention():
     q, k, v = random_qkv(batch=5, heads=heads, seed=5)
     src_index = p2p.share_indices(5, [(0, 3)])
     assert src_index.tolist() == [0, 1, 2, 0, 4]
-    shared = p2p.shared_attention(q, k, v, heads, src_index)
-    plain = p2p.sdpa_attention(q, k, v, heads)
+    out = shared(q, k, v, heads, src_index)
+    plain = ref.sdpa_attention(q, k, v, heads)
     untouched = [0, 1, 2, 4]
-    torch.testing.assert_close(shared[untouched], plain[untouched], rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(shared[3], plain[3], atol=1e-3)
+    torch.testing.assert_close(out[untouched], plain[untouched], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out[3], plain[3], atol=1e-3)
 
 
 def test_identity_index_is_plain_attention():
     heads = 2
     q, k, v = random_qkv(batch=4, heads=heads, seed=6)
-    plain = p2p.sdpa_attention(q, k, v, heads)
-    assert torch.equal(p2p.shared_attention(q, k, v, heads, torch.arange(4)), plain)
-    assert torch.equal(p2p.shared_attention(q, k, v, heads, None), plain)
-    torch.testing.assert_close(plain, p2p.explicit_attention(q, k, v, heads), rtol=1e-5, atol=1e-5)
+    plain = ref.sdpa_attention(q, k, v, heads)
+    assert torch.equal(shared(q, k, v, heads, torch.arange(4)), plain)
+    assert torch.equal(shared(q, k, v, heads, None), plain)
+    torch.testing.assert_close(plain, ref.explicit_attention(q, k, v, heads), rtol=1e-5, atol=1e-5)
 
 
 def test_a_caller_attention_function_gets_one_call_for_the_whole_batch():
@@ -92,20 +103,20 @@ def test_a_caller_attention_function_gets_one_call_for_the_whole_batch():
 
     def counting_attention(q, k, v, heads):
         calls.append(q.shape[0])
-        return p2p.explicit_attention(q, k, v, heads)
+        return ref.explicit_attention(q, k, v, heads)
 
     q, k, v = random_qkv(batch=4, heads=2, seed=7)
-    src_index = p2p.halves_src_index(4)
+    src_index = p2p.blocks_src_index(4, 1)
     out = p2p.shared_attention(q, k, v, 2, src_index, attn_fn=counting_attention)
     assert calls == [4]
-    torch.testing.assert_close(out, p2p.shared_attention(q, k, v, 2, src_index), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, shared(q, k, v, 2, src_index), rtol=1e-5, atol=1e-5)
 
 
 def test_half_precision_runs_close_to_fp32():
     q, k, v = random_qkv(batch=4, heads=2, seed=8)
-    src_index = p2p.halves_src_index(4)
-    fp32 = p2p.shared_attention(q, k, v, 2, src_index)
-    fp16 = p2p.shared_attention(q.half(), k.half(), v.half(), 2, src_index)
+    src_index = p2p.blocks_src_index(4, 1)
+    fp32 = shared(q, k, v, 2, src_index)
+    fp16 = shared(q.half(), k.half(), v.half(), 2, src_index)
     assert fp16.dtype == torch.float16
     torch.testing.assert_close(fp16.float(), fp32, rtol=2e-2, atol=2e-2)
 
@@ -113,11 +124,11 @@ def test_half_precision_runs_close_to_fp32():
 def test_bad_pairings_are_refused():
     q, k, v = random_qkv(batch=4, heads=2, seed=9)
     with pytest.raises(ValueError, match="shape"):
-        p2p.shared_attention(q, k, v, 2, torch.tensor([0, 1, 0]))
+        shared(q, k, v, 2, torch.tensor([0, 1, 0]))
     with pytest.raises(ValueError, match="shape"):
-        p2p.shared_attention(q, k, v, 2, torch.arange(3))
+        shared(q, k, v, 2, torch.arange(3))
     with pytest.raises(ValueError, match="lie in"):
-        p2p.shared_attention(q, k, v, 2, torch.tensor([0, 1, 0, 4]))
+        shared(q, k, v, 2, torch.tensor([0, 1, 0, 4]))
     with pytest.raises(ValueError, match="more than one pair"):
         p2p.share_indices(4, [(0, 2), (1, 2)])
     with pytest.raises(ValueError, match="outside"):
@@ -125,7 +136,7 @@ def test_bad_pairings_are_refused():
     with pytest.raises(ValueError, match="does not split"):
         p2p.blocks_src_index(6, blocks=2)
     with pytest.raises(ValueError, match="heads"):
-        p2p.sdpa_attention(q, k, v, heads=3)
+        ref.sdpa_attention(q, k, v, heads=3)
 
 
 # --- schedule ------------------------------------------------------------------------------------------
@@ -133,11 +144,11 @@ def test_bad_pairings_are_refused():
 
 def test_schedule_boundaries():
     # p = 0 never shares; p = 1 shares at every step except the last, where i / (N - 1) = 1 is not < 1.
-    assert p2p.sharing_schedule(5, 0.0) == [False] * 5
-    assert p2p.sharing_schedule(5, 1.0) == [True, True, True, True, False]
+    assert sharing_schedule(5, 0.0) == [False] * 5
+    assert sharing_schedule(5, 1.0) == [True, True, True, True, False]
     # p = 0.5 over 5 steps: i / 4 = 0, 0.25 share; 0.5 is not strictly below p.
-    assert p2p.sharing_schedule(5, 0.5) == [True, True, False, False, False]
-    assert p2p.sharing_schedule(5, 0.51) == [True, True, True, False, False]
+    assert sharing_schedule(5, 0.5) == [True, True, False, False, False]
+    assert sharing_schedule(5, 0.51) == [True, True, True, False, False]
 
 
 def test_schedule_with_one_step_treats_progress_as_zero():
@@ -147,8 +158,8 @@ def test_schedule_with_one_step_treats_progress_as_zero():
 
 def test_schedule_counts_match_the_paper_setting():
     # 100 steps: sharing runs for the steps with i < 99 p, i.e. ceil(99 p) steps.
-    assert sum(p2p.sharing_schedule(100, 0.1)) == 10
-    assert sum(p2p.sharing_schedule(100, 0.9)) == 90
+    assert sum(sharing_schedule(100, 0.1)) == 10
+    assert sum(sharing_schedule(100, 0.9)) == 90
 
 
 def test_schedule_refuses_steps_outside_the_run():

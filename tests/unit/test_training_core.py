@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from comfyui_ip2p.testing.synthetic import invert_rows, toy_encode_images, toy_encode_texts
+from comfyui_ip2p.testing.synthetic import (
+    invert_rows,
+    scaled_linear_alphas_cumprod,
+    toy_encode_images,
+    toy_encode_texts,
+)
 from comfyui_ip2p.training.config import TrainConfig, resume_mismatches
 from comfyui_ip2p.training.data import (
     Encoders,
@@ -24,8 +29,8 @@ from comfyui_ip2p.training.data import (
 )
 from comfyui_ip2p.training.dropout import apply_dropout, dropout_masks
 from comfyui_ip2p.training.ema import EMA, warmup_decay
-from comfyui_ip2p.training.files import atomic_write, save_safetensors
-from comfyui_ip2p.training.objective import NoiseSchedule, scaled_linear_alphas_cumprod
+from comfyui_ip2p.training.files import save_file, save_safetensors
+from comfyui_ip2p.training.objective import NoiseSchedule
 
 PACK = Path(__file__).resolve().parents[2]
 
@@ -129,7 +134,7 @@ def test_cached_latent_batches_equal_encoding_every_step():
 
 @pytest.mark.parametrize("fmt", ["reference", "diffusers", "public"])
 def test_every_dataset_format_reads_into_training_rows(tmp_path, fmt):
-    from comfyui_ip2p.dataset.formats import write_rows
+    from comfyui_ip2p.testing.edit_rows import write_rows
 
     write_rows(invert_rows(3, size=16), tmp_path, "ds", fmt)
     rows = read_rows(tmp_path / "ds")
@@ -153,15 +158,15 @@ def test_failed_write_leaves_the_previous_file_and_no_temp(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        atomic_write(target, crash)
+        save_file(target, crash)
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
 
 def test_stale_temp_of_a_killed_writer_is_cleaned(tmp_path):
     target = tmp_path / "state.pt"
-    (tmp_path / ".state.pt.12345.tmp").write_bytes(b"killed mid-write")
-    atomic_write(target, lambda tmp: Path(tmp).write_text("ok"))
+    (tmp_path / ".state.pt.tmp-12345").write_bytes(b"killed mid-write")
+    save_file(target, lambda tmp: Path(tmp).write_text("ok"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
 
 

@@ -12,11 +12,18 @@ import statistics
 import pytest
 import torch
 import torch.multiprocessing as mp
-from comfyui_ip2p.testing.synthetic import ToyUNet, invert_rows, toy_encode_images, toy_encode_texts
+from comfyui_ip2p.testing.synthetic import (
+    ToyUNet,
+    invert_rows,
+    scaled_linear_alphas_cumprod,
+    toy_encode_images,
+    toy_encode_texts,
+)
+from comfyui_ip2p.testing.threads import torch_threads
 from comfyui_ip2p.training.config import TrainConfig
 from comfyui_ip2p.training.data import Encoders, make_batches
 from comfyui_ip2p.training.distributed import World
-from comfyui_ip2p.training.objective import NoiseSchedule, scaled_linear_alphas_cumprod
+from comfyui_ip2p.training.objective import NoiseSchedule
 from comfyui_ip2p.training.trainer import Hooks, TrainableModel, Trainer
 
 ROWS = invert_rows(12, size=16, seed=0)
@@ -26,10 +33,8 @@ BASE = {"resolution": 16, "batch_size": 4, "steps": 6, "learning_rate": 1e-3, "e
 @pytest.fixture(autouse=True)
 def one_thread():
     """The toy model's ops are tiny: threads only add overhead (and spin on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 def make_trainer(config: TrainConfig, unet: torch.nn.Module | None = None, world: World | None = None,
@@ -144,7 +149,7 @@ def test_resumed_run_equals_an_uninterrupted_one():
     assert straight.losses == resumed.losses
 
 
-class Interrupted(Exception):
+class Interrupted(Exception):  # noqa: N818 (reads as the event it stands for)
     pass
 
 
