@@ -55,7 +55,8 @@ from pathlib import Path
 from typing import Any
 
 from ..dataset.formats import DIFFUSERS, FORMATS
-from ..dataset.instructions import NoUsableInstructionsError, read_captions, skipped_text
+from ..dataset.instruction_format import read_captions
+from ..dataset.instructions import NoUsableInstructionsError, skipped_text
 from ..dataset.key_hosts import HOSTS_ENV, host_of
 from ..dataset.node_stats import STATS_KEY
 from ..dataset.sharding import (

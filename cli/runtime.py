@@ -271,11 +271,6 @@ class RunResult:
     events: list = field(default_factory=list)
     exception: BaseException | None = None  # what the failing node raised (the object; `error` has its text)
 
-    def raise_for_error(self) -> RunResult:
-        if not self.ok:
-            raise RuntimeError(format_error(self))
-        return self
-
     def raised(self, kind: type[BaseException]) -> BaseException | None:
         """The failing node's exception, or the first of its causes, that is a `kind`; None if none is."""
         return raised(self.exception, kind)

@@ -8,7 +8,7 @@ from comfy_api.v0_0_2 import io, ui
 from ..algorithms.seeds import REQUEST_SEED_MAX
 from ..dataset.clip_filter import ClipFilterConfig
 from ..dataset.formats import DIFFUSERS, FORMATS
-from ..dataset.instructions import MODES
+from ..dataset.instruction_format import MODES
 from ..dataset.node_stats import STATS_KEY, clip_filter_stats, save_stats
 from ..pipeline import clip_filter as clip_work
 from ..pipeline import datasets, instructions

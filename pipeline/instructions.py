@@ -24,20 +24,17 @@ import comfy.model_patcher
 import comfy.utils
 import folder_paths
 
-from ..dataset.instructions import (
-    CAPTION_SUFFIXES,
-    Endpoint,
-    InstructionStats,
-    MissingAPIKeyError,
-    NoUsableInstructionsError,
-    RetryPolicy,
-    Sampling,
-    as_captions,
-    generate_instructions,
-    read_captions,
-)
+from ..dataset.instruction_format import CAPTION_SUFFIXES, Sampling, as_captions, read_captions
+from ..dataset.instructions import InstructionStats, NoUsableInstructionsError, generate_instructions
 from ..dataset.key_hosts import check_key_destination
-from ..dataset.llm_client import RATE_LIMITED, UNAVAILABLE, resolve_api_key
+from ..dataset.llm_client import (
+    RATE_LIMITED,
+    UNAVAILABLE,
+    Endpoint,
+    MissingAPIKeyError,
+    RetryPolicy,
+    resolve_api_key,
+)
 from ..dataset.paths import resolve_inside
 from ..dataset.records import EditRow
 from ..dataset.writer import write_failure

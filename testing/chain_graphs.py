@@ -14,6 +14,7 @@ import safetensors.torch
 import torch
 
 from ..cli.runtime import run_prompt
+from .comfy_run import checked
 
 STEPS, SEED, SAMPLER = 3, 11, "euler_ancestral"
 INSTRUCTION = "make it winter"
@@ -126,7 +127,7 @@ def add_our_routes(graph: dict, model: list, s_i: float, s_t: float, instruction
 
 
 def latents(comfy_base: Path, graph: dict) -> dict[str, torch.Tensor]:
-    result = run_prompt(graph).raise_for_error()
+    result = checked(run_prompt(graph))
     out = {}
     for node, ui in result.outputs.items():
         info = ui["latents"][0]

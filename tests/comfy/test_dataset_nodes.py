@@ -16,6 +16,7 @@ from comfyui_ip2p.cli.runtime import run_prompt
 from comfyui_ip2p.dataset.clip_filter import ClipEncoder
 from comfyui_ip2p.dataset.formats import FORMATS
 from comfyui_ip2p.dataset.records import EditRow
+from comfyui_ip2p.testing.comfy_run import checked
 from comfyui_ip2p.testing.edit_rows import random_rows, write_rows
 from comfyui_ip2p.testing.openai_server import FakeOpenAIServer, Reply
 from comfyui_ip2p.testing.tiny_clip import TINY_CLIP, write_tiny_clip
@@ -95,7 +96,7 @@ def test_instructions_from_a_real_local_server(comfy_nodes, llm, mode):
 
 
 def test_instructions_through_the_executor_report_progress_and_summary(comfy_nodes, llm):
-    result = run_prompt(instruction_graph(instruction_inputs(llm))).raise_for_error()
+    result = checked(run_prompt(instruction_graph(instruction_inputs(llm))))
     assert "3 rows from 3 captions" in result.outputs["2"]["text"][0]
     progress = [data["value"] for event, data in result.events if event == "progress" and data["max"] == 3]
     assert progress == [0, 1, 2, 3]
@@ -425,7 +426,7 @@ def test_load_filter_save_graph_through_the_executor(comfy_nodes, comfy_base, ti
                                                                                                        top_k=3)}},
               "3": {"class_type": "SaveEditDataset", "inputs": {"rows": ["2", 0], "dataset_name": target,
                                                                 "format": "public", "image_format": "png"}}}
-    result = run_prompt(prompt).raise_for_error()
+    result = checked(run_prompt(prompt))
     assert result.outputs["3"]["text"] == [f"6 new rows, 6 in total, in output/{target} (public)"]
     saved = load(comfy_nodes, target)
     assert saved[0]["format"] == "public" and len(saved[1]) == 6

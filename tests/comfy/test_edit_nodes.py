@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from comfyui_ip2p.cli.runtime import run_prompt
+from comfyui_ip2p.testing.comfy_run import checked
 from PIL import Image
 
 SETTINGS = {"steps": 3, "seed": 7, "sampler_name": "euler_ancestral", "scheduler": "normal"}
@@ -62,12 +63,12 @@ def test_instruct_edit_equals_hand_wired_core_graph(comfy_nodes, comfy_base, tin
     # A 64x64 input is already at the reference size for resolution 64, so both graphs see the same pixels.
     rng = np.random.default_rng(0)
     name = write_input(comfy_base, "square64.png", rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    ours = run_prompt(edit_graph(tiny_ip2p_ckpt, name)).raise_for_error()
-    core = run_prompt(core_graph(tiny_ip2p_ckpt, name)).raise_for_error()
+    ours = checked(run_prompt(edit_graph(tiny_ip2p_ckpt, name)))
+    core = checked(run_prompt(core_graph(tiny_ip2p_ckpt, name)))
     a, b = saved_image(comfy_base, ours, "4"), saved_image(comfy_base, core, "12")
     assert a.shape == b.shape == (64, 64, 3)
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1, "InstructEdit must equal the core graph"
-    other_seed = run_prompt(edit_graph(tiny_ip2p_ckpt, name, seed=8)).raise_for_error()
+    other_seed = checked(run_prompt(edit_graph(tiny_ip2p_ckpt, name, seed=8)))
     assert np.abs(saved_image(comfy_base, other_seed, "4").astype(int) - a.astype(int)).max() > 5
 
 
@@ -76,7 +77,7 @@ def test_instruct_edit_returns_input_size_for_odd_rgba_and_gray(comfy_nodes, com
     rng = np.random.default_rng(1)
     name = write_input(comfy_base, f"odd_{'x'.join(map(str, shape))}.png",
                        rng.integers(0, 256, shape, dtype=np.uint8))
-    result = run_prompt(edit_graph(tiny_ip2p_ckpt, name)).raise_for_error()
+    result = checked(run_prompt(edit_graph(tiny_ip2p_ckpt, name)))
     out = saved_image(comfy_base, result, "4")
     assert out.shape[:2] == shape[:2]
 
@@ -135,7 +136,7 @@ def test_guider_output_runs_in_sampler_custom_advanced(comfy_nodes, comfy_base, 
         "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
         "12": {"class_type": "SaveImage", "inputs": {"images": ["11", 0], "filename_prefix": "guider"}},
     }
-    result = run_prompt(prompt).raise_for_error()
+    result = checked(run_prompt(prompt))
     assert saved_image(comfy_base, result, "12").shape == (48, 80, 3)
 
 

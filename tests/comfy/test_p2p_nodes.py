@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from comfyui_ip2p.cli.runtime import run_prompt
+from comfyui_ip2p.testing.comfy_run import checked
 from PIL import Image
 
 SMALL = {"steps": 3, "width": 64, "height": 64, "seed": 11, "p_min": 0.1, "p_max": 0.9, "cfg_min": 7.5,
@@ -258,7 +259,7 @@ def p2p_graph(ckpt, **overrides):
 
 
 def test_node_runs_in_a_graph(comfy_nodes, comfy_base, tiny_t2i_ckpt):
-    result = run_prompt(p2p_graph(tiny_t2i_ckpt, steps=2)).raise_for_error()
+    result = checked(run_prompt(p2p_graph(tiny_t2i_ckpt, steps=2)))
     assert saved_image(comfy_base, result, "3").shape == saved_image(comfy_base, result, "4").shape == (64, 64, 3)
 
 

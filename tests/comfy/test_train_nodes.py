@@ -8,6 +8,7 @@ import uuid
 import pytest
 import torch
 from comfyui_ip2p.cli.runtime import run_prompt
+from comfyui_ip2p.testing.comfy_run import checked
 from comfyui_ip2p.testing.edit_rows import write_rows
 from comfyui_ip2p.testing.synthetic import INSTRUCTION, invert_rows
 from comfyui_ip2p.testing.threads import torch_threads
@@ -101,7 +102,7 @@ def full_run(comfy_nodes, comfy_base, tiny_ip2p_ckpt, invert_dataset) -> tuple[s
     """One uninterrupted full fine-tune through the executor, chained into InstructEdit."""
     name = unique("full")
     result = run_prompt(with_edit(train_graph("LoadIP2PModel", tiny_ip2p_ckpt, invert_dataset, name)))
-    return name, result.raise_for_error()
+    return name, checked(result)
 
 
 def test_trained_model_edits_right_away_and_the_checkpoint_holds_the_ema_weights(comfy_nodes, comfy_base,
@@ -146,7 +147,7 @@ def test_cancel_writes_a_resumable_state_and_the_rerun_matches_an_uninterrupted_
     assert (comfy_base / "models" / "checkpoints" / f"{name}.safetensors").is_file()
 
     prompt["3"]["inputs"]["resume"] = True
-    run_prompt(prompt).raise_for_error()
+    checked(run_prompt(prompt))
     resumed = state_of(comfy_base, name)
     assert resumed["step"] == 4 and resumed["losses"] == pytest.approx(reference["losses"], rel=1e-5)
     for key in reference["params"]:
@@ -194,7 +195,7 @@ def test_text_to_image_model_trains_from_the_papers_init(comfy_nodes, comfy_base
     name = unique("from_t2i")
     prompt = train_graph("CheckpointLoaderSimple", tiny_t2i_ckpt, invert_dataset, name, steps=1, ema_decay=0.0,
                          validation_count=0)
-    run_prompt(prompt).raise_for_error()
+    checked(run_prompt(prompt))
     conv_in = unet_weights(load_ip2p(f"{name}.safetensors")[0])["input_blocks.0.0.weight"]
     assert conv_in.shape[1] == 8
     image_channels = conv_in[:, 4:].abs().max().item()

@@ -20,6 +20,7 @@ from comfyui_ip2p.cli.runtime import run_prompt
 from comfyui_ip2p.dataset.formats import load_rows
 from comfyui_ip2p.dataset.paths import is_temp
 from comfyui_ip2p.dataset.records import EditRow
+from comfyui_ip2p.testing.comfy_run import checked
 from comfyui_ip2p.testing.edit_rows import random_rows, write_rows
 from comfyui_ip2p.testing.threads import torch_threads
 from comfyui_ip2p.testing.tiny_clip import write_tiny_clip
@@ -299,7 +300,7 @@ def check_cancel_case(comfy_base, model, graph: dict, direct: Callable[[], torch
     files_before = output_files(comfy_base)
     cancelled_in_executor(graph, unet_kinds(), cancel_at=2)
     assert output_files(comfy_base) - files_before == set()
-    result = run_prompt(graph).raise_for_error()
+    result = checked(run_prompt(graph))
     got = saved_image(comfy_base, result, "9").astype(int)
     assert np.abs(got - as_saved(reference).astype(int)).max() <= 1
 
@@ -376,7 +377,7 @@ def test_cancel_during_clip_filtering_stops_between_batches_and_writes_nothing(c
     assert not (comfy_base / "output" / target).exists(), "a cancelled filter must not reach the save"
     assert load_encoder(weights) is encoder and weights_digest(encoder.model) == before
 
-    run_prompt(graph).raise_for_error()
+    checked(run_prompt(graph))
     kept = load_rows(comfy_base / "output" / target)
     assert sorted((r.group, r.seed) for r in kept) == sorted((r.group, r.seed) for r in rows)
     expected = comfy_nodes["CLIPDirectionFilter"].execute(load_rows(comfy_base / "input" / source),
@@ -427,7 +428,7 @@ def test_cancel_while_saving_keeps_the_earlier_rows_and_every_row_written_so_far
     target = unique(f"cancel_saved_{fmt}")
     folder = comfy_base / "output" / target
     first = run_prompt({**load_graph(source, max_rows=8), "2": save_node(["1", 1], target, fmt)})
-    assert first.raise_for_error().outputs["2"]["text"] == [f"8 new rows, 8 in total, in output/{target} ({fmt})"]
+    assert checked(first).outputs["2"]["text"] == [f"8 new rows, 8 in total, in output/{target} ({fmt})"]
     previous = check_whole(comfy_nodes, folder, fmt, rows, tmp_path)
 
     graph = {**load_graph(source), "2": save_node(["1", 1], target, fmt)}
@@ -443,7 +444,7 @@ def test_cancel_while_saving_keeps_the_earlier_rows_and_every_row_written_so_far
     assert 15 <= len(kept) <= 16, len(kept)
     assert set(kept) == {(r.group, r.seed) for r in rows[:len(kept)]}
 
-    again = run_prompt(graph).raise_for_error()
+    again = checked(run_prompt(graph))
     assert again.outputs["2"]["text"] == [f"{30 - len(kept)} new rows, 30 in total, in output/{target} ({fmt})"]
     assert sorted(check_whole(comfy_nodes, folder, fmt, rows, tmp_path)) == sorted((r.group, r.seed) for r in rows)
 
@@ -527,7 +528,7 @@ def test_cancel_during_training_saves_a_whole_resumable_state_and_leaves_the_mod
                  "3": {"class_type": "TrainIP2P", "inputs": {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2],
                                                              "dataset": ["2", 0], "checkpoint_name": name,
                                                              **settings, "resume": True}}}
-        run_prompt(graph).raise_for_error()
+        checked(run_prompt(graph))
         resumed = check_run_files(comfy_base, name)
         assert resumed["step"] == 4 and resumed["losses"] == pytest.approx(reference["losses"], rel=1e-5)
         for key, value in reference["params"].items():

@@ -22,6 +22,7 @@ import pytest
 from comfyui_ip2p.cli.runtime import run_prompt
 from comfyui_ip2p.dataset import formats
 from comfyui_ip2p.dataset.format_parquet import arrow_schema
+from comfyui_ip2p.testing.comfy_run import checked
 from comfyui_ip2p.testing.comfy_server import upload
 from comfyui_ip2p.testing.edit_rows import BARN_PROMPT as PROMPT
 from comfyui_ip2p.testing.edit_rows import foreign_reference_pair, jpeg_bytes, random_rows, write_rows
@@ -259,10 +260,10 @@ def test_load_edit_dataset_reads_exactly_the_rows_written(comfy_nodes, comfy_bas
                                                      preview_count=4).args
         assert (handle["format"], len(loaded), inputs.shape[0], edits.shape[0]) == (fmt, count, *[min(count, 4)] * 2)
         if count:  # through the executor too (core's PreviewImage cannot show an empty batch)
-            result = run_prompt(load_graph(f"input/{name}")).raise_for_error()
+            result = checked(run_prompt(load_graph(f"input/{name}")))
             assert len(result.outputs["2"]["images"]) == min(count, 4)
         else:  # the pack's own word on why `datasets` will refuse it
-            saved = run_prompt(copy_graph(f"input/{name}", f"trust_empty_copy_{fmt}_{TAG}", fmt)).raise_for_error()
+            saved = checked(run_prompt(copy_graph(f"input/{name}", f"trust_empty_copy_{fmt}_{TAG}", fmt)))
             assert "has no rows yet" in saved.outputs["2"]["text"][0]
 
 

@@ -25,16 +25,8 @@ from comfyui_ip2p.cli.runtime import run_prompt
 from comfyui_ip2p.dataset import sharding as sh
 from comfyui_ip2p.dataset.formats import load_rows
 from comfyui_ip2p.dataset.instruction_cache import cache_key
-from comfyui_ip2p.dataset.instructions import (
-    ANSWER_ATTEMPTS,
-    EMPTY,
-    IDENTICAL,
-    NOT_JSON,
-    QUOTED_KEY,
-    RetryPolicy,
-    Sampling,
-    build_request,
-)
+from comfyui_ip2p.dataset.instruction_format import Sampling, build_request
+from comfyui_ip2p.dataset.instructions import ANSWER_ATTEMPTS, EMPTY, IDENTICAL, NOT_JSON, QUOTED_KEY, RetryPolicy
 from comfyui_ip2p.dataset.node_stats import STATS_KEY
 from comfyui_ip2p.testing.openai_server import FakeOpenAIServer, RecordedRequest, Reply, ScriptedResponder
 from comfyui_ip2p.testing.tiny_clip import write_tiny_clip

@@ -13,6 +13,7 @@ import pytest
 import torch
 from comfyui_ip2p.cli.runtime import run_prompt
 from comfyui_ip2p.dataset.records import EditRow
+from comfyui_ip2p.testing.comfy_run import checked
 from comfyui_ip2p.testing.edit_rows import write_rows
 from comfyui_ip2p.testing.tiny_clip import write_tiny_clip
 from PIL import Image
@@ -56,7 +57,7 @@ def test_a_native_8192_edit_fails_fast_naming_the_size_and_the_fix(comfy_nodes, 
 
 
 def test_a_normal_edit_still_runs(comfy_nodes, tiny_ip2p_ckpt):
-    result = run_prompt(edit_graph(tiny_ip2p_ckpt, 80, 48, resolution=64)).raise_for_error()
+    result = checked(run_prompt(edit_graph(tiny_ip2p_ckpt, 80, 48, resolution=64)))
     assert len(result.outputs["4"]["images"]) == 1
 
 
@@ -162,7 +163,7 @@ def assert_unloading_frees_what_ran(prompt: dict) -> int:
     import comfy.model_management as mm
 
     before = {id(o) for o in live_model_objects()}
-    run_prompt(prompt).raise_for_error()
+    checked(run_prompt(prompt))
     created = [weakref.ref(o) for o in live_model_objects() if id(o) not in before]
     mm.unload_all_models()
     mm.soft_empty_cache()

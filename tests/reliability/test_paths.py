@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from comfyui_ip2p.cli.runtime import format_error, run_prompt
 from comfyui_ip2p.dataset.records import EditRow
+from comfyui_ip2p.testing.comfy_run import checked
 from comfyui_ip2p.testing.comfy_server import upload
 from comfyui_ip2p.testing.edit_rows import write_rows
 from comfyui_ip2p.testing.openai_server import FakeOpenAIServer
@@ -197,7 +198,7 @@ ODD_BUT_INSIDE = {
 @pytest.mark.parametrize("case", list(ODD_BUT_INSIDE))
 def test_odd_but_harmless_names_land_inside_the_output_folder(comfy_nodes, comfy_base, source_dataset, case):
     name, stored = ODD_BUT_INSIDE[case]
-    result = run_prompt(save_graph(source_dataset, name)).raise_for_error()
+    result = checked(run_prompt(save_graph(source_dataset, name)))
     assert result.outputs["2"]["text"] == [f"2 new rows, 2 in total, in output/{stored} (diffusers)"]
     folder = comfy_base / "output" / stored
     assert (folder / ".ip2p_dataset.json").is_file()
@@ -219,8 +220,8 @@ def test_format_combos_given_paths_are_refused(comfy_nodes, comfy_base, source_d
 
 def test_nfc_and_nfd_spellings_are_one_dataset(comfy_nodes, comfy_base, source_dataset):
     nfc, nfd = f"r\u00e9sum\u00e9_{TAG}", f"re\u0301sume\u0301_{TAG}"
-    run_prompt(save_graph(source_dataset, nfc)).raise_for_error()
-    again = run_prompt(save_graph(source_dataset, nfd)).raise_for_error()
+    checked(run_prompt(save_graph(source_dataset, nfc)))
+    again = checked(run_prompt(save_graph(source_dataset, nfd)))
     assert again.outputs["2"]["text"] == [f"0 new rows, 2 in total, in output/{nfc} (diffusers)"]
     assert not any(p.name == nfd for p in (comfy_base / "output").iterdir())
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from comfyui_ip2p.cli.runtime import format_error, run_prompt
+from comfyui_ip2p.testing.comfy_run import checked
 from comfyui_ip2p.testing.edit_rows import write_rows
 from comfyui_ip2p.testing.synthetic import invert_rows
 from comfyui_ip2p.testing.threads import torch_threads
@@ -140,14 +141,14 @@ def test_a_runs_own_file_is_updated_by_resume_and_replaced_by_a_restart(comfy_no
                                                                        dataset):
     name = f"own_{TAG}"
     model = comfy_base / "models" / "checkpoints" / f"{name}.safetensors"
-    run_prompt(graph(tiny_ip2p_ckpt, name, dataset)).raise_for_error()
+    checked(run_prompt(graph(tiny_ip2p_ckpt, name, dataset)))
     first = sha256(model)
-    run_prompt(graph(tiny_ip2p_ckpt, name, dataset, steps=2)).raise_for_error()
+    checked(run_prompt(graph(tiny_ip2p_ckpt, name, dataset, steps=2)))
     state_path = comfy_base / "output" / "ip2p_train" / name / "state.pt"
     assert torch.load(state_path, weights_only=True)["step"] == 2, "resumed from step 1"
     second = sha256(model)
     assert second != first
-    run_prompt(graph(tiny_ip2p_ckpt, name, dataset, steps=1, resume=False)).raise_for_error()
+    checked(run_prompt(graph(tiny_ip2p_ckpt, name, dataset, steps=1, resume=False)))
     assert torch.load(state_path, weights_only=True)["step"] == 1, "resume off starts over"
     assert sha256(model) != second, "and replaces the run's own file"
 
@@ -159,7 +160,7 @@ def test_resuming_with_another_model_or_dataset_is_refused(comfy_nodes, comfy_ba
     name = f"resume_{TAG}"
     model = comfy_base / "models" / "checkpoints" / f"{name}.safetensors"
     run_dir = comfy_base / "output" / "ip2p_train" / name
-    run_prompt(graph(tiny_ip2p_ckpt, name, dataset)).raise_for_error()
+    checked(run_prompt(graph(tiny_ip2p_ckpt, name, dataset)))
     kept = snapshot(model.parent, run_dir)
 
     fix = "choose another checkpoint_name, or set resume off to start it over (its files are then replaced)"
@@ -178,10 +179,10 @@ def test_resuming_with_another_model_or_dataset_is_refused(comfy_nodes, comfy_ba
     legacy = refused(run_prompt(graph(tiny_ip2p_ckpt, name, dataset, steps=2)))
     assert "does not record which model and dataset" in legacy and fix in legacy, legacy
 
-    run_prompt(graph(tiny_t2i_ckpt, name, other_dataset, loader="CheckpointLoaderSimple", resume=False,
-                     steps=1)).raise_for_error()
-    run_prompt(graph(tiny_t2i_ckpt, name, other_dataset, loader="CheckpointLoaderSimple",
-                     steps=2)).raise_for_error()
+    checked(run_prompt(graph(tiny_t2i_ckpt, name, other_dataset, loader="CheckpointLoaderSimple", resume=False,
+                     steps=1)))
+    checked(run_prompt(graph(tiny_t2i_ckpt, name, other_dataset, loader="CheckpointLoaderSimple",
+                     steps=2)))
     assert torch.load(run_dir / "state.pt", weights_only=True)["step"] == 2, "its own model and dataset resume"
 
 
@@ -226,7 +227,7 @@ def test_malformed_handles_are_refused(comfy_nodes, tiny_ip2p_ckpt, handle, expe
 def test_a_literal_handle_inside_output_trains(comfy_nodes, comfy_base, tiny_ip2p_ckpt, dataset):
     name = f"literal_ok_{TAG}"
     handle = {"path": str(comfy_base / "output" / dataset), "format": "reference"}
-    run_prompt(graph(tiny_ip2p_ckpt, name, handle)).raise_for_error()
+    checked(run_prompt(graph(tiny_ip2p_ckpt, name, handle)))
     assert (comfy_base / "models" / "checkpoints" / f"{name}.safetensors").is_file()
 
 
@@ -268,7 +269,7 @@ def test_the_estimate_follows_the_real_model_and_refuses_on_real_free_memory(com
 
 def test_a_small_run_passes_the_pre_flight(comfy_nodes, comfy_base, tiny_ip2p_ckpt, dataset):
     name = f"small_{TAG}"
-    run_prompt(graph(tiny_ip2p_ckpt, name, dataset, batch_size=2, resolution=32, mode="lora")).raise_for_error()
+    checked(run_prompt(graph(tiny_ip2p_ckpt, name, dataset, batch_size=2, resolution=32, mode="lora")))
     assert (comfy_base / "models" / "loras" / f"{name}.safetensors").is_file()
 
 

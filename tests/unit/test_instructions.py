@@ -8,7 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
+from comfyui_ip2p.dataset import instruction_format as fmt
 from comfyui_ip2p.dataset import instructions as ins
+from comfyui_ip2p.dataset import llm_client
 from comfyui_ip2p.dataset.instruction_cache import InstructionCache
 from comfyui_ip2p.dataset.llm_client import PLACEHOLDER_KEY, REDACTED, retry_after_seconds
 from comfyui_ip2p.dataset.paths import atomic_write_bytes
@@ -89,7 +91,7 @@ def test_completion_request_is_the_papers_format(server):
         "stop": ["\nEND"],
     }
     assert request.headers["authorization"] == f"Bearer {SECRET}"
-    assert result.rows == [ins.EditInstruction("a photo of a cat", "add snow", "a photo of a cat, covered in snow")]
+    assert result.rows == [fmt.EditInstruction("a photo of a cat", "add snow", "a photo of a cat, covered in snow")]
 
 
 def test_chat_request_has_system_prompt_and_few_shot_in_the_same_contract(server):
@@ -106,20 +108,20 @@ def test_chat_request_has_system_prompt_and_few_shot_in_the_same_contract(server
         "stop": ["\nEND"],
     }
     messages = body["messages"]
-    assert messages[0] == {"role": "system", "content": ins.SYSTEM_PROMPT}
+    assert messages[0] == {"role": "system", "content": fmt.SYSTEM_PROMPT}
     assert messages[-1] == {"role": "user", "content": "a photo of a cat"}
     shots = messages[1:-1]
     assert 4 <= len(shots) // 2 <= 6
     assert [m["role"] for m in shots] == ["user", "assistant"] * (len(shots) // 2)
     for user, assistant in zip(shots[::2], shots[1::2], strict=True):
-        instruction, edited = ins.parse_completion(assistant["content"])
+        instruction, edited = fmt.parse_completion(assistant["content"])
         assert assistant["content"] == f"{instruction}\n%%\n{edited}"
-        assert not ins.is_identical_edit(user["content"], edited)
+        assert not fmt.is_identical_edit(user["content"], edited)
     assert result.rows[0].instruction == "add snow"
 
 
 def test_sampling_overrides_and_omissions_reach_the_body(server):
-    sampling = ins.Sampling(temperature=1.1, frequency_penalty=None, max_tokens=64, stop=("\nEND", "\n\n"), seed=7)
+    sampling = fmt.Sampling(temperature=1.1, frequency_penalty=None, max_tokens=64, stop=("\nEND", "\n\n"), seed=7)
     run(server, ["a dog"], sampling=sampling)
 
     assert server.requests[0].body == {
@@ -137,8 +139,8 @@ def test_completion_few_shot_prefix_keeps_the_caption_last(server):
 
     prompt = server.requests[0].body["prompt"]
     assert prompt.endswith("\n\na dog\n##\n")
-    assert prompt.count("\n##\n") == len(ins.CHAT_EXAMPLES) + 1
-    assert prompt.count("\nEND\n") == len(ins.CHAT_EXAMPLES)
+    assert prompt.count("\n##\n") == len(fmt.CHAT_EXAMPLES) + 1
+    assert prompt.count("\nEND\n") == len(fmt.CHAT_EXAMPLES)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -159,7 +161,7 @@ def test_completion_few_shot_prefix_keeps_the_caption_last(server):
     ],
 )
 def test_parse_accepts(text, expected):
-    assert ins.parse_completion(text) == expected
+    assert fmt.parse_completion(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -179,8 +181,8 @@ def test_parse_accepts(text, expected):
     ],
 )
 def test_parse_rejects(text, reason):
-    with pytest.raises(ins.MalformedOutputError, match=reason):
-        ins.parse_completion(text)
+    with pytest.raises(fmt.MalformedOutputError, match=reason):
+        fmt.parse_completion(text)
 
 
 _line = st.text(
@@ -192,15 +194,15 @@ _line = st.text(
 
 @given(_line, _line)
 def test_parse_inverts_format(instruction, edited):
-    text = ins.format_completion(instruction, edited)
-    assert ins.parse_completion(text) == (instruction.strip(), edited.strip())
+    text = fmt.format_completion(instruction, edited)
+    assert fmt.parse_completion(text) == (instruction.strip(), edited.strip())
 
 
 @given(st.text(max_size=300))
 def test_parse_never_raises_anything_but_malformed(text):
     try:
-        instruction, edited = ins.parse_completion(text)
-    except ins.MalformedOutputError:
+        instruction, edited = fmt.parse_completion(text)
+    except fmt.MalformedOutputError:
         return
     assert instruction and edited and "\n" not in instruction + edited
 
@@ -216,7 +218,7 @@ def test_parse_never_raises_anything_but_malformed(text):
     ],
 )
 def test_identical_edit(caption, edited, identical):
-    assert ins.is_identical_edit(caption, edited) is identical
+    assert fmt.is_identical_edit(caption, edited) is identical
 
 
 def test_rows_are_filtered_counted_and_in_input_order(server):
@@ -235,8 +237,8 @@ def test_rows_are_filtered_counted_and_in_input_order(server):
     result = run(server, captions, concurrency=3)
 
     assert result.rows == [
-        ins.EditInstruction("c0 a red car", "make the car blue", "c0 a blue car"),
-        ins.EditInstruction("c4 a lamp", "turn it on", "c4 a lit lamp"),
+        fmt.EditInstruction("c0 a red car", "make the car blue", "c0 a blue car"),
+        fmt.EditInstruction("c4 a lamp", "turn it on", "c4 a lit lamp"),
     ]
     stats = result.stats
     assert (stats.requested, stats.ok, stats.malformed, stats.dropped_identical, stats.duplicates) == (6, 2, 2, 1, 1)
@@ -258,8 +260,8 @@ def test_an_unusable_answer_is_asked_again_with_a_new_sample_then_the_good_one_i
     cache = tmp_path / "cache.jsonl"
     server.enqueue(Reply.ok("sink it"), Reply.garbage(), Reply.ok("do nothing\n%%\na cat"),
                    Reply.ok("add snow\n%%\na cat in snow"))
-    result = run(server, ["a cat"], cache_path=cache, sampling=ins.Sampling(seed=7))
-    assert result.rows == [ins.EditInstruction("a cat", "add snow", "a cat in snow")]
+    result = run(server, ["a cat"], cache_path=cache, sampling=fmt.Sampling(seed=7))
+    assert result.rows == [fmt.EditInstruction("a cat", "add snow", "a cat in snow")]
     assert [r.body["seed"] for r in server.requests] == [7, 8, 9, 10], "each re-ask is a new sample"
     assert (result.stats.fetched, result.stats.reasked, result.stats.malformed) == (1, 3, 0)
     lines = [json.loads(line) for line in cache.read_text().splitlines()]
@@ -280,7 +282,7 @@ def test_a_cache_entry_that_is_not_a_usable_row_is_ignored_and_asked_again(serve
     from comfyui_ip2p.dataset.instruction_cache import cache_key
 
     cache = tmp_path / "cache.jsonl"
-    body = ins.build_request("completion", "fake-model", "a cat")
+    body = fmt.build_request("completion", "fake-model", "a cat")
     key = cache_key("completion", server.base_url, body)
     legacy = {"key": key, "text": "sink it", "finish_reason": "stop"}  # the first version's raw text
     identical = {"key": key, "instruction": "nothing", "output": "A cat."}  # a hand edit
@@ -289,7 +291,7 @@ def test_a_cache_entry_that_is_not_a_usable_row_is_ignored_and_asked_again(serve
         server.reset()
         result = run(server, ["a cat"], cache_path=cache)
         assert result.stats.cached == 0 and len(server.requests) == 1, poisoned
-        assert result.rows == [ins.EditInstruction("a cat", "add snow", "a cat, covered in snow")]
+        assert result.rows == [fmt.EditInstruction("a cat", "add snow", "a cat, covered in snow")]
     lines = [json.loads(line) for line in cache.read_text().splitlines()]
     assert all("text" not in line for line in lines), "raw text an older version cached is removed from the file"
 
@@ -382,7 +384,7 @@ def test_client_errors_are_not_retried(server):
 def test_timeout_then_success(server):
     server.enqueue(Reply.ok("late\n%%\ntoo late").after(2.0))
     result = run(server, ["a cat"], timeout=0.3)
-    assert result.rows == [ins.EditInstruction("a cat", "add snow", "a cat, covered in snow")]
+    assert result.rows == [fmt.EditInstruction("a cat", "add snow", "a cat, covered in snow")]
     assert len(server.requests) == 2
 
 
@@ -431,7 +433,7 @@ def test_cache_is_keyed_on_what_determines_the_answer(server, tmp_path):
     cache = tmp_path / "llm_cache.jsonl"
     run(server, ["a cat"], cache_path=cache)
     run(server, ["a cat"], cache_path=cache, model="other-model")
-    run(server, ["a cat"], cache_path=cache, sampling=ins.Sampling(temperature=0.2))
+    run(server, ["a cat"], cache_path=cache, sampling=fmt.Sampling(temperature=0.2))
     run(server, ["a cat"], cache_path=cache, mode="chat")
     assert len(server.requests) == 4
     with FakeOpenAIServer() as other:  # another port: another base URL
@@ -599,13 +601,13 @@ def test_keyless_local_server_gets_a_placeholder(server, monkeypatch):
 def test_official_endpoint_without_key_fails_before_any_request(monkeypatch):
     monkeypatch.delenv(KEY_ENV)
     ep = ins.Endpoint(model="gpt-4o-mini", api_key_env=KEY_ENV)  # the default base URL, api.openai.com
-    with pytest.raises(ins.MissingAPIKeyError, match=KEY_ENV):
+    with pytest.raises(llm_client.MissingAPIKeyError, match=KEY_ENV):
         ins.generate_instructions(["a cat"], ep)
 
 
 def test_missing_key_file_names_the_path_only(tmp_path):
     ep = ins.Endpoint(model="m", base_url="http://127.0.0.1:9/v1", api_key_file=tmp_path / "nope.txt")
-    with pytest.raises(ins.MissingAPIKeyError, match=r"nope\.txt") as info:
+    with pytest.raises(llm_client.MissingAPIKeyError, match=r"nope\.txt") as info:
         ins.generate_instructions(["a cat"], ep)
     assert SECRET not in str(info.value)
 
@@ -619,35 +621,35 @@ def test_caption_files(tmp_path):
     (tmp_path / "c.txt").write_text("a cat\n\n  a dog  \n")
     (tmp_path / "c.jsonl").write_text('{"caption": "a cat"}\n\n{"input": "a dog", "other": 1}\n')
     (tmp_path / "c.csv").write_text('id,caption\n1,a cat\n2,"a dog, sleeping"\n', encoding="utf-8-sig")
-    assert ins.read_captions(tmp_path / "c.txt") == ["a cat", "a dog"]
-    assert ins.read_captions(tmp_path / "c.jsonl") == ["a cat", "a dog"]
-    assert ins.read_captions(tmp_path / "c.csv") == ["a cat", "a dog, sleeping"]
-    assert ins.as_captions(str(tmp_path / "c.txt")) == ["a cat", "a dog"]
-    assert ins.as_captions(tmp_path / "c.csv") == ["a cat", "a dog, sleeping"]
+    assert fmt.read_captions(tmp_path / "c.txt") == ["a cat", "a dog"]
+    assert fmt.read_captions(tmp_path / "c.jsonl") == ["a cat", "a dog"]
+    assert fmt.read_captions(tmp_path / "c.csv") == ["a cat", "a dog, sleeping"]
+    assert fmt.as_captions(str(tmp_path / "c.txt")) == ["a cat", "a dog"]
+    assert fmt.as_captions(tmp_path / "c.csv") == ["a cat", "a dog, sleeping"]
 
 
 def test_caption_text_and_lists():
-    assert ins.as_captions("a cat\n a dog \n\n") == ["a cat", "a dog"]
-    assert ins.as_captions(["a cat", "  ", "a dog"]) == ["a cat", "a dog"]
+    assert fmt.as_captions("a cat\n a dog \n\n") == ["a cat", "a dog"]
+    assert fmt.as_captions(["a cat", "  ", "a dog"]) == ["a cat", "a dog"]
     with pytest.raises(FileNotFoundError):
-        ins.as_captions("/nowhere/captions.jsonl")
+        fmt.as_captions("/nowhere/captions.jsonl")
     with pytest.raises(TypeError):
-        ins.as_captions(["a cat", 3])  # type: ignore[list-item]
+        fmt.as_captions(["a cat", 3])  # type: ignore[list-item]
 
 
 def test_bad_caption_files_say_where(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"caption": "a cat"}\n{"text": "a dog"}\n')
     (tmp_path / "bad.csv").write_text("id,text\n1,a cat\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
-        ins.read_captions(tmp_path / "bad.jsonl")
+        fmt.read_captions(tmp_path / "bad.jsonl")
     with pytest.raises(ValueError, match="no 'caption' column"):
-        ins.read_captions(tmp_path / "bad.csv")
+        fmt.read_captions(tmp_path / "bad.csv")
     with pytest.raises(ValueError, match="unsupported"):
-        ins.read_captions(tmp_path / "c.parquet")
+        fmt.read_captions(tmp_path / "c.parquet")
 
 
 def test_save_rows_uses_the_reference_keys(tmp_path):
-    rows = [ins.EditInstruction("a cat", "add a hat", "a cat in a hat")]
+    rows = [fmt.EditInstruction("a cat", "add a hat", "a cat in a hat")]
     path = save_rows_jsonl(rows, tmp_path / "rows.jsonl")
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
         {"input": "a cat", "edit": "add a hat", "output": "a cat in a hat"}
