@@ -16,7 +16,7 @@ PAG, CFGZeroStar, ...) hook in. `combine` takes that `cfg` as a parameter; the p
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -24,7 +24,7 @@ import torch
 BRANCHES = ("uncond", "image", "full")
 
 # cfg(cond_prediction, uncond_prediction, scale) -> guided prediction
-CfgFunction = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+CfgFunction = Callable[[torch.Tensor, torch.Tensor, float | torch.Tensor], torch.Tensor]
 
 
 class Needed(NamedTuple):
@@ -48,13 +48,22 @@ def branches_needed(image_scale: float, text_scale: float, keep_all: bool = Fals
     return Needed(False, True, True)
 
 
-def plain_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+def branches_needed_by_any(image_scales: Sequence[float], text_scales: Sequence[float],
+                           keep_all: bool = False) -> Needed:
+    """The branches a batch of samples with per-sample scales needs: every branch any one sample reads."""
+    needs = [branches_needed(s_i, s_t, keep_all) for s_i, s_t in zip(image_scales, text_scales, strict=True)]
+    return Needed(*(any(need[branch] for need in needs) for branch in range(len(BRANCHES))))
+
+
+def plain_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     return uncond + (cond - uncond) * scale
 
 
-def combine(uncond: torch.Tensor, image: torch.Tensor, full: torch.Tensor, image_scale: float,
-            text_scale: float, cfg: CfgFunction = plain_cfg) -> torch.Tensor:
+def combine(uncond: torch.Tensor, image: torch.Tensor, full: torch.Tensor, image_scale: float | torch.Tensor,
+            text_scale: float | torch.Tensor, cfg: CfgFunction = plain_cfg) -> torch.Tensor:
     """Guided prediction from the three branch predictions.
+
+    The scales are numbers, or tensors shaped to broadcast over the batch ([B, 1, 1, 1]) for a scale per sample.
 
     A branch that `branches_needed` skips is passed as zeros (as ComfyUI's batch evaluation returns it): the
     skipped terms then vanish exactly, e.g. at s_I == 1 cfg(image, 0, 1) == image.

@@ -96,7 +96,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON output; default bench/results/edit-<size>-<res>.json")
     parser.add_argument("--child-timeout", type=float, default=1800.0)
-    parser.add_argument("--only", choices=("prepare", *VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--detail", action="store_true",
+                        help="instead of the variants: InstructEdit's detail transfer on a 2048x1536 photo, its "
+                             "added time as a fraction of the edit (--size, --res, first --steps)")
+    parser.add_argument("--grid", action="store_true",
+                        help="instead of the variants: a 3x3 guidance grid sampled in one batched run against "
+                             "nine single edits, and their ratio (--size, --res, first --steps)")
+    parser.add_argument("--only", choices=("prepare", "detail", "grid", *VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.res % 64:
@@ -606,15 +612,164 @@ def run_diffusers(ctx: Context) -> Series:
     return series
 
 
+# --- child: detail transfer (--detail) ------------------------------------------------------------------------
+
+DETAIL_SIZE = (2048, 1536)  # width, height: a 3-megapixel photo, edited at --res
+
+
+def photo_like(width: int, height: int, seed: int) -> torch.Tensor:
+    """[1, H, W, 3]: smooth shapes plus pixel-level grain, the fine detail the transfer keeps."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, height), torch.linspace(0, 1, width), indexing="ij")
+    scene = torch.stack([0.5 + 0.25 * torch.sin(6 * xx + c) * torch.cos(5 * yy - c) for c in range(3)], dim=-1)
+    grain = 0.05 * torch.randn(height, width, 3, generator=torch.Generator().manual_seed(seed))
+    return (scene + grain).clamp(0, 1)[None]
+
+
+def run_detail(ctx: Context) -> dict[str, Any]:
+    """Whole edits of a 2048x1536 photo with detail off and on, and the restore step alone each way.
+
+    The restore step is what `detail` swaps: a Lanczos resize of the edit (off) or transfer_detail (on), so its
+    difference is the added time; the whole-edit pair checks it (noisier: one run each on a busy CPU).
+    """
+    from comfyui_ip2p.algorithms.detail import transfer_detail
+    from comfyui_ip2p.pipeline.edit import prepare_pixels
+    from comfyui_ip2p.pipeline.images import resize_lanczos
+
+    model, clip, vae = load_comfy_models(ctx)
+    node, steps = ctx.nodes["InstructEdit"], ctx.args.steps[0]
+    image = photo_like(*DETAIL_SIZE, ctx.args.seed)
+
+    def edit(detail: bool) -> torch.Tensor:
+        return call_node(node, model=model, clip=clip, vae=vae, image=image, instruction=INSTRUCTION,
+                         image_guidance=IMAGE_SCALE, text_guidance=TEXT_SCALE, steps=steps, seed=ctx.args.seed,
+                         sampler_name=SAMPLER, scheduler=SCHEDULER, resolution=ctx.args.res,
+                         keep_input_size=True, detail=detail)[0]
+
+    with torch.inference_mode():
+        edit(False)  # warm-up: loads the models
+        off, _ = timed(lambda: edit(False), ctx.device)
+        on, _ = timed(lambda: edit(True), ctx.device)
+        low = prepare_pixels(image, ctx.args.res)
+        edited = (low + 0.1).clamp(0, 1)
+        resize = median([timed(lambda: resize_lanczos(edited, *DETAIL_SIZE), "cpu")[0] for _ in range(3)])
+        transfer = median([timed(lambda: transfer_detail(image, edited, low), "cpu")[0] for _ in range(3)])
+    return {"steps": steps, "edit_detail_off_seconds": off, "edit_detail_on_seconds": on,
+            "resize_seconds": resize, "transfer_seconds": transfer, "edit_size": list(low.shape[1:3])}
+
+
+def detail_report(args: argparse.Namespace, result: dict[str, Any]) -> str:
+    added = result["transfer_seconds"] - result["resize_seconds"]
+    edit = result["edit_detail_off_seconds"]
+    h, w = result["edit_size"]
+    return "\n".join([
+        f"detail transfer, {DETAIL_SIZE[0]}x{DETAIL_SIZE[1]} photo edited at {w}x{h} ({args.size} model, "
+        f"{result['steps']} steps, {args.device}):",
+        f"  whole edit: detail off {fmt(edit)} s, on {fmt(result['edit_detail_on_seconds'])} s",
+        f"  restore step: Lanczos upscale (off) {fmt(result['resize_seconds'])} s, transfer (on) "
+        f"{fmt(result['transfer_seconds'])} s",
+        f"  added time {fmt(added)} s = {fmt(100 * added / edit, '.2f')}% of the edit "
+        f"(the transfer alone: {fmt(100 * result['transfer_seconds'] / edit, '.2f')}%)",
+    ])
+
+
+def detail_parent(args: argparse.Namespace) -> int:
+    temporary = args.workdir is None
+    args.workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="ip2p-bench-"))).resolve()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results = run_all(args, ["detail"])
+    print(detail_report(args, results["detail"]))
+    if temporary:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+    return 0
+
+
+# --- child: guidance grid (--grid) ---------------------------------------------------------------------------
+
+GRID_IMAGE_SCALES = (1.0, 1.5, 2.0)
+GRID_TEXT_SCALES = (5.0, 7.5, 10.0)
+
+
+def run_grid(ctx: Context) -> dict[str, Any]:
+    """A 3x3 guidance grid two ways on the same encoded image and texts: all cells in one batched sampling run
+    (pipeline/grid.py, what IP2PGuidanceGrid does) and one single edit per cell (what it did before), each with
+    its decode. Also the largest relative difference of the two sets of latents."""
+    from comfyui_ip2p.pipeline.edit import (
+        SamplingSettings,
+        decode,
+        edit_latents,
+        encode_image,
+        encode_text,
+        prepare_pixels,
+    )
+    from comfyui_ip2p.pipeline.grid import grid_cells, grid_latents
+
+    model, clip, vae = load_comfy_models(ctx)
+    steps = ctx.args.steps[0]
+    cells = grid_cells(GRID_IMAGE_SCALES, GRID_TEXT_SCALES)
+    settings = SamplingSettings(steps=steps, seed=ctx.args.seed, sampler_name=SAMPLER, scheduler=SCHEDULER)
+    with torch.inference_mode():
+        image_latent = encode_image(vae, prepare_pixels(ctx.image, ctx.args.res), model)
+        positive, negative = encode_text(clip, INSTRUCTION), encode_text(clip, "")
+
+        def batched() -> torch.Tensor:
+            latents = grid_latents(model, positive, negative, image_latent, cells, settings)
+            decode(vae, latents)
+            return latents
+
+        def per_cell() -> torch.Tensor:
+            latents = []
+            for s_i, s_t in cells:
+                cell = SamplingSettings(steps=steps, seed=ctx.args.seed, sampler_name=SAMPLER, scheduler=SCHEDULER,
+                                        image_scale=s_i, text_scale=s_t)
+                latents.append(edit_latents(model, positive, negative, image_latent, cell))
+                decode(vae, latents[-1])
+            return torch.cat(latents)
+
+        grid_latents(model, positive, negative, image_latent, cells[:1], settings)  # warm-up: loads the models
+        batched_seconds, grid = timed(batched, ctx.device)
+        per_cell_seconds, singles = timed(per_cell, ctx.device)
+    error = float((grid - singles).abs().max() / singles.abs().max())
+    return {"steps": steps, "cells": len(cells), "batched_seconds": batched_seconds,
+            "per_cell_seconds": per_cell_seconds, "max_relative_error": error,
+            "edit_size": list(image_latent.shape[2:])}
+
+
+def grid_report(args: argparse.Namespace, result: dict[str, Any]) -> str:
+    h, w = (8 * side for side in result["edit_size"])
+    batched, per_cell = result["batched_seconds"], result["per_cell_seconds"]
+    return "\n".join([
+        f"guidance grid, {result['cells']} cells at {w}x{h} ({args.size} model, {result['steps']} steps, "
+        f"{args.device}):",
+        f"  one batched run {fmt(batched)} s, {result['cells']} single edits {fmt(per_cell)} s: "
+        f"per-cell / batched = {fmt(per_cell / batched, '.2f')}x",
+        f"  max relative difference of the latents: {result['max_relative_error']:.2e}",
+    ])
+
+
+def grid_parent(args: argparse.Namespace) -> int:
+    temporary = args.workdir is None
+    args.workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="ip2p-bench-"))).resolve()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results = run_all(args, ["grid"])
+    print(grid_report(args, results["grid"]))
+    if temporary:
+        shutil.rmtree(args.workdir, ignore_errors=True)
+    return 0
+
+
 # --- child entry ----------------------------------------------------------------------------------------------
 
 def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     name = args.only
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    nodes = boot_comfy(args, with_nodes=name in ("a", "a1", "b"))
+    nodes = boot_comfy(args, with_nodes=name in ("a", "a1", "b", "detail", "grid"))
     if name == "prepare":
         return prepare(args)
+    if name == "detail":
+        return run_detail(Context(args, args.workdir, args.device, load_image(args), nodes))
+    if name == "grid":
+        return run_grid(Context(args, args.workdir, args.device, load_image(args), nodes))
     if name in ("a", "a1") and "InstructEdit" not in nodes:
         raise RuntimeError("the pack registered no InstructEdit node: see the import error in ComfyUI's log above")
     ctx = Context(args, args.workdir, args.device, load_image(args), nodes)
@@ -761,7 +916,9 @@ def parent(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.only:
-        return parent(args)
+        if args.grid:
+            return grid_parent(args)
+        return detail_parent(args) if args.detail else parent(args)
     args.workdir = args.workdir.resolve()
     args.result.write_text(json.dumps(run_variant(args), indent=2))
     sys.stdout.flush()

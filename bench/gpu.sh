@@ -113,6 +113,13 @@ main() {
   timeout "$BENCH_TIMEOUT" "$PY" bench/edit.py --device cuda --size full --res 512 --steps 20,100 \
       --repeats 3 --variants a,b,c,d,a1 --workdir "$workdir" || log "edit.py exited with status $?"
 
+  # The guidance grid: 9 cells in one batched run vs nine single edits (batching should win clearly on a GPU),
+  # and the full-resolution detail transfer's added time at 2048x1536.
+  timeout 180 "$PY" bench/edit.py --device cuda --size full --res 512 --steps 20 --grid --workdir "$workdir" \
+      || log "edit.py --grid exited with status $?"
+  timeout 120 "$PY" bench/edit.py --device cuda --size full --res 512 --steps 20 --detail --workdir "$workdir" \
+      || log "edit.py --detail exited with status $?"
+
   # TRAINING BENCHMARK (another issue): its one line goes here, bounded by its own timeout like the line above,
   # e.g.  timeout 120 "$PY" bench/train.py --device cuda --size full --res 256 --batch 16 --steps 20
 }

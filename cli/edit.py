@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="steps (default: 20, 4 on the embedded model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resolution", type=int, default=None,
-                        help="longest side of the edit (default: 512, 128 on the embedded model)")
+                        help="longest side of the edit (default: the model's native size, 512 for SD1.x and "
+                             "1024 for SDXL; 128 on the embedded model); 0 keeps the input's size")
     parser.add_argument("--workflow", type=Path, default=WORKFLOW, help="UI-format workflow to run")
     parser.add_argument("--base-dir", type=Path, default=None,
                         help="ComfyUI base directory (models/, input/, output/); default: the ComfyUI folder")
@@ -93,13 +94,15 @@ def stage_image(image: Path | None) -> str:
 
 
 def build_prompt(args: argparse.Namespace, checkpoint: str, image_name: str, tiny: bool) -> dict:
+    from ..pipeline.edit import NATIVE_RESOLUTION
     from .workflow import object_info_in_process, ui_to_api
 
     prompt = ui_to_api(json.loads(args.workflow.read_text()), object_info_in_process())
     overrides = {
         "checkpoint": checkpoint, "image": image_name, "instruction": args.instruction,
         "image_guidance": args.image_guidance, "text_guidance": args.text_guidance, "seed": args.seed,
-        "steps": args.steps or (4 if tiny else 20), "resolution": args.resolution or (128 if tiny else 512),
+        "steps": args.steps or (4 if tiny else 20),
+        "resolution": args.resolution if args.resolution is not None else (128 if tiny else NATIVE_RESOLUTION),
         "filename_prefix": "headless/instruct_edit",
     }
     for node in prompt.values():

@@ -2,8 +2,8 @@
 
 from comfy_api.v0_0_2 import io
 
-from ..pipeline.edit import check_images
-from ..pipeline.images import reference_size, resize_lanczos, to_rgb
+from ..pipeline.edit import prepare_pixels
+from ..pipeline.images import FRAMINGS
 from .errors import named_errors
 
 
@@ -15,13 +15,18 @@ class IP2PReferenceResize(io.ComfyNode):
             display_name="IP2P Reference Resize",
             category="InstructPix2Pix/image",
             description=(
-                "Resizes images the way the InstructPix2Pix reference does before an edit: the longest side "
-                "near `resolution`, both sides multiples of 64, Lanczos filtering."
+                "Resizes images to the InstructPix2Pix reference's edit size: the longest side near "
+                "`resolution`, both sides multiples of 64, Lanczos filtering. `framing` crop fits the image "
+                "exactly as the reference does (a centred crop), stretch resizes the whole image."
             ),
             inputs=[
                 io.Image.Input("image", tooltip="Images to resize (RGBA and grayscale become RGB)."),
                 io.Int.Input("resolution", default=512, min=64, max=4096, step=64,
                              tooltip="Target for the longest side; the paper edits at 512."),
+                io.Combo.Input("framing", options=list(FRAMINGS), default="stretch", optional=True,
+                               tooltip="stretch: the whole image resized to the new size (the aspect changes "
+                                       "slightly). crop: the reference's ImageOps.fit, the centred part of the "
+                                       "new aspect resized to it (a thin border is cut off)."),
             ],
             outputs=[
                 io.Image.Output(display_name="image"),
@@ -32,10 +37,9 @@ class IP2PReferenceResize(io.ComfyNode):
 
     @classmethod
     @named_errors("IP2PReferenceResize")
-    def execute(cls, image, resolution) -> io.NodeOutput:
-        check_images(image)
-        width, height = reference_size(image.shape[2], image.shape[1], resolution)
-        return io.NodeOutput(resize_lanczos(to_rgb(image), width, height), width, height)
+    def execute(cls, image, resolution, framing="stretch") -> io.NodeOutput:
+        pixels = prepare_pixels(image, resolution, framing)
+        return io.NodeOutput(pixels, pixels.shape[2], pixels.shape[1])
 
 
 NODES = [IP2PReferenceResize]

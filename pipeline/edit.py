@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import comfy.model_base
 import comfy.model_management
 import comfy.sample
 import comfy.samplers
@@ -13,9 +14,10 @@ import latent_preview
 import torch
 from comfy_extras.nodes_custom_sampler import BasicScheduler
 
+from ..algorithms.detail import transfer_detail
 from . import memory
 from .guider import IP2PGuider, make_guider
-from .images import reference_size, resize_lanczos, to_rgb
+from .images import box_pixels, fit_box, reference_size, resize_lanczos, to_rgb
 from .masks import composite, feather_inward, fit_masks, latent_noise_mask
 
 
@@ -51,16 +53,29 @@ def encode_text(clip, text: str) -> list:
     return clip.encode_from_tokens_scheduled(tokens)
 
 
-def prepare_pixels(images: torch.Tensor, resolution: int) -> torch.Tensor:
-    """RGB, resized like the reference (longest side ~ resolution, multiples of 64); 0 keeps the size (/8)."""
+def prepare_pixels(images: torch.Tensor, resolution: int, framing: str = "stretch") -> torch.Tensor:
+    """RGB, resized like the reference (longest side ~ resolution, multiples of 64); 0 keeps the size (/8).
+
+    `framing` "crop" takes the centred box of the edit's aspect first (the reference's ImageOps.fit), "stretch"
+    resizes the whole image to the edit's size.
+    """
     check_images(images)
     images = to_rgb(images)
     height, width = images.shape[1], images.shape[2]
     if resolution > 0:
-        width, height = reference_size(width, height, resolution)
+        edit_width, edit_height = reference_size(width, height, resolution)
     else:
-        width, height = max(8, width // 8 * 8), max(8, height // 8 * 8)
-    return resize_lanczos(images, width, height)
+        edit_width, edit_height = max(8, width // 8 * 8), max(8, height // 8 * 8)
+    box = fit_box(width, height, edit_width, edit_height) if framing == "crop" else None
+    return resize_lanczos(images, edit_width, edit_height, box)
+
+
+def edited_region(images: torch.Tensor, pixels: torch.Tensor, framing: str) -> tuple[int, int, int, int]:
+    """The part of the input (x0, y0, x1, y1) that the edit at `pixels`' size shows: all of it, or the crop."""
+    height, width = images.shape[1], images.shape[2]
+    if framing != "crop":
+        return 0, 0, width, height
+    return box_pixels(fit_box(width, height, pixels.shape[2], pixels.shape[1]), width, height)
 
 
 def check_images(images: torch.Tensor) -> None:
@@ -92,12 +107,14 @@ def sigmas_for(model, settings: SamplingSettings) -> torch.Tensor:
 
 
 def sample(guider: IP2PGuider, latent: torch.Tensor, settings: SamplingSettings, callback=None,
-           noise_mask: torch.Tensor | None = None, batch_index: list[int] | None = None) -> torch.Tensor:
+           noise_mask: torch.Tensor | None = None, batch_index: list[int] | None = None,
+           noise: torch.Tensor | None = None, sampler=None) -> torch.Tensor:
     """Runs ComfyUI's sampler with our guider, as SamplerCustomAdvanced does.
 
     Noise is seeded exactly like KSampler/RandomNoise (`batch_index` picks a batch's share, as for a latent
     split off a larger batch); `noise_mask` ([B, 1, H, W] or [B, H, W], any size: ComfyUI resizes it to the
     latent) keeps every unmasked latent value at `latent`'s, as Set Latent Noise Mask does for core's samplers.
+    A caller with its own noise plan (the guidance grid) passes the starting `noise` and the `sampler` object.
     """
     model = guider.model_patcher
     latent = comfy.sample.fix_empty_latent_channels(model, latent)
@@ -105,8 +122,10 @@ def sample(guider: IP2PGuider, latent: torch.Tensor, settings: SamplingSettings,
     if sigmas.numel() == 0:
         return latent
     memory.check_sampling(model, latent.shape[1:], "the edit")
-    noise = comfy.sample.prepare_noise(latent, settings.seed, batch_index)
-    sampler = comfy.samplers.sampler_object(settings.sampler_name)
+    if noise is None:
+        noise = comfy.sample.prepare_noise(latent, settings.seed, batch_index)
+    if sampler is None:
+        sampler = comfy.samplers.sampler_object(settings.sampler_name)
     if callback is None:
         callback = latent_preview.prepare_callback(model, sigmas.shape[-1] - 1)
     samples = memory.run_out_of_memory_safe(lambda: guider.sample(
@@ -145,42 +164,102 @@ def decode(vae, samples: torch.Tensor, size: tuple[int, int] | None = None) -> t
     return images
 
 
+# InstructEdit's `resolution` widget value for "the model's native size". 0 already means "the input's own size",
+# so native is a negative value; -64 because ComfyUI's number widget snaps to multiples of its step (64)
+# counted from its minimum, and only a minimum that is itself a multiple of 64 keeps 512, 1024, ... reachable.
+NATIVE_RESOLUTION = -64
+
+
+def native_resolution(model) -> int:
+    """The side the model family was trained at: 1024 for SDXL (SDXL-IP2P, CosXL Edit), 512 for SD1.x/2.x
+    (SD2.x's 768-v models also edit at 512, the InstructPix2Pix training size)."""
+    return 1024 if isinstance(model.model, comfy.model_base.SDXL) else 512
+
+
+def edit_resolution(model, resolution: int) -> int:
+    """The longest side to edit at: any negative value is the model's native size; 0 and positive ones stay."""
+    return native_resolution(model) if resolution < 0 else resolution
+
+
 @dataclass(frozen=True)
 class EditRequest:
-    """What InstructEdit was asked: the images, the texts, and how to size and mask the edit."""
+    """What InstructEdit was asked: the images, the texts, and how to size and mask the edit.
+
+    `resolution`: the edit's longest side; 0 keeps the input's size, a negative value (NATIVE_RESOLUTION) means
+    the model's native size.
+    """
 
     instruction: str
     negative: str = ""
-    resolution: int = 512
+    resolution: int = NATIVE_RESOLUTION
     keep_input_size: bool = True
     variations: int = 1
     mask: torch.Tensor | None = None
     feather: int = 0
+    detail: bool = False
+    framing: str = "stretch"
 
 
 def edit_images(model, clip, vae, images: torch.Tensor, request: EditRequest,
                 settings: SamplingSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """The whole edit: (edited IMAGE batch, edit latents). With a mask, only the masked region changes."""
-    pixels = prepare_pixels(images, request.resolution)
+    pixels = prepare_pixels(images, edit_resolution(model, request.resolution), request.framing)
     count, height, width = images.shape[0], images.shape[1], images.shape[2]
     masks = fit_masks(request.mask, count, height, width) if request.mask is not None else None
     if masks is not None and not bool(masks.any()):
         return unchanged(vae, images, pixels, request)
     image_latent = encode_image(vae, pixels, model)
     positive, uncond = encode_text(clip, request.instruction), encode_text(clip, request.negative)
+    positive, uncond = (with_size(model, c, pixels.shape[2], pixels.shape[1]) for c in (positive, uncond))
     edit_masks = None
-    if request.mask is not None:
-        edit_masks = fit_masks(request.mask, count, pixels.shape[1], pixels.shape[2])
+    if masks is not None:
+        x0, y0, x1, y1 = edited_region(images, pixels, request.framing)
+        edit_masks = fit_masks(masks[:, y0:y1, x0:x1], count, pixels.shape[1], pixels.shape[2])
     noise_mask = latent_noise_mask(edit_masks) if edit_masks is not None else None
     samples = edit_latents(model, positive, uncond, image_latent, settings, variations=request.variations,
                            noise_mask=noise_mask)
-    size = (width, height) if request.keep_input_size else None
-    edited = decode(vae, samples, size)
+    edited = decode(vae, samples)
+    if request.keep_input_size:
+        edited = restore_size(edited, images, pixels, request)
     if masks is not None:
         base, region = (to_rgb(images), masks) if request.keep_input_size else (pixels, edit_masks)
         edited = composite(base.repeat_interleave(request.variations, dim=0).to(edited), edited,
                            feather_inward(region, request.feather).repeat_interleave(request.variations, dim=0))
     return edited, samples
+
+
+def with_size(model, conditioning: list, width: int, height: int) -> list:
+    """SDXL's size conditioning set to the edit's own size, where the conditioning does not set it already.
+
+    SDXL models take the image size as a condition; without it ComfyUI assumes 768x768, whatever the image.
+    Diffusers' SDXL InstructPix2Pix pipeline passes the generated size as original and target size, and so
+    does this. Other families ignore these keys, so they are left off.
+    """
+    if not isinstance(model.model, comfy.model_base.SDXL):
+        return conditioning
+    size = {"width": width, "height": height, "target_width": width, "target_height": height}
+    return [[embedding, {**size, **options}] for embedding, options in conditioning]
+
+
+def restore_size(edited: torch.Tensor, images: torch.Tensor, pixels: torch.Tensor,
+                 request: EditRequest) -> torch.Tensor:
+    """The decoded edit at the input's size: the edited region (all of it, or the crop) brought back to its
+    place in the input, by a Lanczos resize or, with `detail`, by adding the edit's change to the input's own
+    pixels (algorithms/detail.py); outside a crop, the input's pixels."""
+    variations = request.variations
+    x0, y0, x1, y1 = edited_region(images, pixels, request.framing)
+    same_size = (y1 - y0, x1 - x0) == tuple(edited.shape[1:3])
+    if request.detail and not same_size:
+        original = to_rgb(images)[:, y0:y1, x0:x1].repeat_interleave(variations, dim=0)
+        low = pixels.repeat_interleave(variations, dim=0)
+        piece = transfer_detail(original.to(edited), edited, low.to(edited))
+    else:
+        piece = resize_lanczos(edited, x1 - x0, y1 - y0)
+    if (x0, y0, x1, y1) == (0, 0, images.shape[2], images.shape[1]):
+        return piece
+    restored = to_rgb(images).repeat_interleave(variations, dim=0).to(piece, copy=True)
+    restored[:, y0:y1, x0:x1] = piece
+    return restored
 
 
 def unchanged(vae, images: torch.Tensor, pixels: torch.Tensor, request: EditRequest):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import comfy.model_management
 import comfy.samplers
 import node_helpers
+import torch
 
 from ..algorithms.dual_cfg import branches_needed, check_scales, combine
 from .attention import with_fused_attention
@@ -81,13 +82,15 @@ class CfgHooks:
         self.model, self.x, self.timestep, self.model_options = model, x, timestep, model_options
         self.uncond_cond, self.image_cond, self.full_cond = conds
 
-    def __call__(self, image, uncond, scale: float):
+    def __call__(self, image, uncond, scale: float | torch.Tensor):
+        # A tensor scale (one per sample, [B, 1, 1, 1]: the guidance grid) passes through cfg_function and its
+        # hooks as core's own float does: they all compute with it by broadcasting.
         image, uncond = self.pre_cfg(image, uncond, scale)
         return comfy.samplers.cfg_function(self.model, image, uncond, scale, self.x, self.timestep,
                                            model_options=self.model_options, cond=self.image_cond,
                                            uncond=self.uncond_cond)
 
-    def pre_cfg(self, image, uncond, scale: float):
+    def pre_cfg(self, image, uncond, scale: float | torch.Tensor):
         functions = self.model_options.get("sampler_pre_cfg_function", [])
         if not functions:
             return image, uncond

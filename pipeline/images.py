@@ -27,16 +27,51 @@ def reference_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     return max(new_w, 64), max(new_h, 64)
 
 
-def resize_lanczos(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Lanczos resize of a ComfyUI IMAGE batch [B, H, W, C] in [0, 1], per channel in float (no 8-bit loss)."""
-    if images.shape[1] == height and images.shape[2] == width:
+# How an image is brought to the edit's size when the aspect differs: `stretch` resizes the whole image to it
+# (the default, what this pack always did); `crop` is the reference's ImageOps.fit: the largest centred box of the
+# edit's aspect, resized to it, the rest cut off.
+FRAMINGS = ("stretch", "crop")
+
+
+def fit_box(width: int, height: int, out_width: int, out_height: int) -> tuple[float, float, float, float]:
+    """The source box (left, top, right, bottom), fractional, that PIL's ImageOps.fit(..., centering=(0.5, 0.5))
+    resizes to `out_width` x `out_height`: the largest centred box of the output's aspect.
+
+    Same arithmetic in the same order as Pillow's, so a resize of this box is the reference's pixels exactly.
+    """
+    input_ratio, output_ratio = width / height, out_width / out_height
+    if input_ratio == output_ratio:
+        crop_width, crop_height = float(width), float(height)
+    elif input_ratio >= output_ratio:
+        crop_width, crop_height = output_ratio * height, float(height)
+    else:
+        crop_width, crop_height = float(width), width / output_ratio
+    left, top = (width - crop_width) * 0.5, (height - crop_height) * 0.5
+    return left, top, left + crop_width, top + crop_height
+
+
+def box_pixels(box: tuple[float, float, float, float], width: int, height: int) -> tuple[int, int, int, int]:
+    """A fractional box rounded to whole pixels (x0, y0, x1, y1), inside a width x height image, never empty."""
+    x0, y0 = min(max(0, math.floor(box[0] + 0.5)), width - 1), min(max(0, math.floor(box[1] + 0.5)), height - 1)
+    x1, y1 = min(width, math.floor(box[2] + 0.5)), min(height, math.floor(box[3] + 0.5))
+    return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
+
+
+def resize_lanczos(images: torch.Tensor, width: int, height: int,
+                   box: tuple[float, float, float, float] | None = None) -> torch.Tensor:
+    """Lanczos resize of a ComfyUI IMAGE batch [B, H, W, C] in [0, 1], per channel in float (no 8-bit loss).
+
+    With `box` (left, top, right, bottom, fractional, in source pixels) only that part is resized, as PIL's
+    resize(box=...) and ImageOps.fit do.
+    """
+    if box is None and images.shape[1] == height and images.shape[2] == width:
         return images
     array = images.detach().cpu().float().numpy()
     out = np.empty((array.shape[0], height, width, array.shape[3]), dtype=np.float32)
     for b in range(array.shape[0]):
         for c in range(array.shape[3]):
             channel = Image.fromarray(array[b, :, :, c], mode="F")
-            out[b, :, :, c] = np.asarray(channel.resize((width, height), Image.Resampling.LANCZOS))
+            out[b, :, :, c] = np.asarray(channel.resize((width, height), Image.Resampling.LANCZOS, box=box))
     return torch.from_numpy(out).clamp_(0.0, 1.0).to(images.dtype)
 
 

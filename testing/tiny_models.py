@@ -21,6 +21,7 @@ import torch
 from ..pipeline.random_model import (  # noqa: F401 (re-exported for tests and benchmarks)
     LAYOUTS,
     UNET_PREFIX,
+    VAE_PREFIX,
     UNetLayout,
     _fill_random,
     _meta_shapes,
@@ -101,6 +102,84 @@ def write_sdxl_checkpoint(path: str | os.PathLike, seed: int = 0) -> Path:
     """Writes the tiny SDXL-family checkpoint (atomically) and returns its path."""
     metadata = {"comfyui_ip2p.random_model": json.dumps({"kind": "sdxl", "seed": seed})}
     return save_safetensors(sdxl_state_dict(seed), path, metadata)
+
+
+# --- SDXL-InstructPix2Pix (diffusers' SDXL IP2P, CosXL Edit) ----------------------------------------------------
+# ComfyUI detects SDXL_instructpix2pix only in SDXL's full layout (transformer depths [0, 0, 2, 2, 10, 10]): a
+# full-size state dict is built on the meta device (shapes, no memory) for detection, and the small model that
+# runs is built from ComfyUI's own SDXL_instructpix2pix config class with the tiny layout above, 8 channels wide.
+
+SDXL_FULL_UNET = {
+    "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 320, "num_res_blocks": [2, 2, 2],
+    "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "transformer_depth_middle": 10,
+    "use_spatial_transformer": True, "use_linear_in_transformer": True, "context_dim": 2048,
+    "num_head_channels": 64, "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816,
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+# What CosXL Edit carries next to its UNet: EDM v-prediction and its sigma range.
+COSXL_KEYS = {"edm_vpred.sigma_max": 120.0, "edm_vpred.sigma_min": 0.002}
+
+
+def cosxl_keys() -> dict[str, torch.Tensor]:
+    return {k: torch.tensor(v) for k, v in COSXL_KEYS.items()}
+
+
+def sdxl_ip2p_meta_state_dict(edm_vpred: bool = False) -> dict:
+    """A full-size SDXL-IP2P checkpoint's UNet keys (8 input channels) as meta tensors: shapes only."""
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    with torch.device("meta"):
+        unet = UNetModel(**{**SDXL_FULL_UNET, "in_channels": 8}, operations=comfy.ops.disable_weight_init)
+    sd = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
+    if edm_vpred:
+        sd.update(cosxl_keys())
+    return sd
+
+
+def tiny_sdxl_ip2p(seed: int = 0, edm_vpred: bool = False, dtype=torch.float32):
+    """A small SDXL-IP2P MODEL: ComfyUI's SDXL_instructpix2pix class (model_base and supported_models) on the
+    tiny SDXL layout with 8 input channels, random weights, in a ModelPatcher as ComfyUI's loaders return it.
+
+    With `edm_vpred` the state dict carries CosXL Edit's keys, so ComfyUI picks EDM v-prediction and scales the
+    image latent by SDXL's factor itself, as it does for the real file.
+    """
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.ops
+    import comfy.supported_models
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    unet_config = {**SDXL_TINY_UNET, "in_channels": 8}
+    shapes = _meta_shapes(lambda: UNetModel(**unet_config, operations=comfy.ops.disable_weight_init))
+    sd = _fill_random(shapes, seed, dtype)
+    if edm_vpred:
+        sd.update(cosxl_keys())
+    config = comfy.supported_models.SDXL_instructpix2pix(unet_config)
+    config.set_inference_dtype(dtype, None)
+    model = config.get_model(sd, "")
+    model.load_model_weights(sd, "")
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device,
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+class StubSDXLClip:
+    """Stands in for SDXL's two text encoders (CLIP-L + OpenCLIP-G, ~800M parameters, too big to build in a test):
+    the same interface as ComfyUI's CLIP for `tokenize` / `encode_from_tokens_scheduled`, giving conditioning of
+    SDXL's shapes (77 x 2048 context, 1280 pooled), seeded by the text so equal texts give equal embeddings."""
+
+    def tokenize(self, text: str) -> dict:
+        return {"g": [[(text, 1.0)]], "l": [[(text, 1.0)]]}
+
+    def encode_from_tokens_scheduled(self, tokens: dict) -> list:
+        text = tokens["g"][0][0][0]
+        gen = torch.Generator().manual_seed(sum(ord(c) * (i + 1) for i, c in enumerate(text)) % (2**31))
+        context = torch.randn(1, 77, 2048, generator=gen)
+        pooled = torch.randn(1, 1280, generator=gen)
+        return [[context, {"pooled_output": pooled}]]
 
 
 # --- a ControlNet and a LoRA that fit a given SD1.5 layout -----------------------------------------------------

@@ -220,3 +220,23 @@ def test_cancel_stops_the_edit_within_a_step(comfy_nodes, comfy_base, tiny_ip2p_
     assert max(steps_seen) <= 3, f"sampling went on after the cancel: {steps_seen}"
     # the next prompt runs normally: the interrupt flag does not leak
     assert run_prompt(edit_graph(tiny_ip2p_ckpt, input_image, steps=1)).ok
+
+
+def test_instruct_edit_resolution_defaults_to_the_models_native_size(comfy_nodes, tiny_ip2p_ckpt):
+    from comfyui_ip2p.pipeline.edit import NATIVE_RESOLUTION
+    from comfyui_ip2p.pipeline.loading import load_ip2p
+
+    schema = comfy_nodes["InstructEdit"].define_schema()
+    widget = next(i for i in schema.inputs if i.id == "resolution")
+    assert widget.default == NATIVE_RESOLUTION
+    model, clip, vae = load_ip2p(tiny_ip2p_ckpt)
+    images = torch.rand(1, 64, 96, 3, generator=torch.Generator().manual_seed(4))
+    node = comfy_nodes["InstructEdit"]
+    run = {"image_guidance": 1.0, "text_guidance": 1.0, **SETTINGS, "steps": 1, "keep_input_size": False}
+    # SD1.5: native 512 -> the reference size of a 96x64 image at 512 is 576x384
+    native = node.execute(model, clip, vae, images, "make it winter", resolution=widget.default, **run).result
+    assert native[1]["samples"].shape[-2:] == (384 // 8, 576 // 8)
+    explicit = node.execute(model, clip, vae, images, "make it winter", resolution=128, **run).result
+    assert explicit[1]["samples"].shape[-2:] == (128 // 8, 192 // 8)
+    own_size = node.execute(model, clip, vae, images, "make it winter", resolution=0, **run).result
+    assert own_size[1]["samples"].shape[-2:] == (64 // 8, 96 // 8)

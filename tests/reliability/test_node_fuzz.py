@@ -1,4 +1,4 @@
-"""Hypothesis fuzz of all 14 node types through ComfyUI's real executor (in-process).
+"""Hypothesis fuzz of all 15 node types through ComfyUI's real executor (in-process).
 
 Every widget is drawn in and out of its declared range, as odd strings (unicode, NUL, lone surrogates, "nan",
 "inf") and as NaN/inf floats; image inputs come from the probe image node in odd shapes and fills. The property
@@ -27,7 +27,7 @@ from test_bad_inputs import cached, image, inspect, prepared, preview, rows
 
 OUR_NODES = {"LoadIP2PModel", "ConvertToIP2P", "InstructEdit", "DualCFGSampler", "IP2PGuider", "IP2PGuidanceGrid",
              "IP2PReferenceResize", "P2PPairGenerator", "GenerateEditInstructions", "CLIPDirectionFilter",
-             "CLIPEditMetrics", "SaveEditDataset", "LoadEditDataset", "TrainIP2P"}
+             "CLIPEditMetrics", "SaveEditDataset", "LoadEditDataset", "TrainIP2P", "IP2PAutoGuidance"}
 TAG = f"fz{uuid.uuid4().hex[:6]}"
 FUZZ = settings(deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -207,6 +207,25 @@ def test_guidance_grid(names, img, image_values, text_values, data):
     graph = {"1": cached(names.ip2p), "3": img, "4": {"class_type": "IP2PGuidanceGrid", "inputs": inputs},
              "9": inspect(["4", 0])}
     holds(run_prompt(graph), "IP2PGuidanceGrid", lambda result: image_report(result))
+
+
+@settings(FUZZ, max_examples=6)
+@given(img=images, image_values=st.one_of(texts(20), st.sampled_from(["1, 1.5", "0"])),
+       text_values=st.one_of(texts(20), st.sampled_from(["7.5", "1, 2"])), minimum=floats(-1, 1),
+       captions=st.one_of(st.tuples(texts(20), texts(20)), st.just(("", ""))), data=st.fixed_dictionaries(sampling()))
+def test_auto_guidance(names, img, image_values, text_values, minimum, captions, data):
+    inputs = {"model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "image": ["3", 0], "instruction": "snow",
+              "image_guidance_values": image_values, "text_guidance_values": text_values, "resolution": 64,
+              "clip_weights": names.clip_weights, "min_image_similarity": minimum, "input_caption": captions[0],
+              "output_caption": captions[1], **data}
+    graph = {"1": cached(names.ip2p), "3": img, "4": {"class_type": "IP2PAutoGuidance", "inputs": inputs},
+             "9": inspect(["4", 3])}
+
+    def ok(result):
+        shape = image_report(result)["shape"]
+        assert shape[0] == 1 and shape[3] == 3
+
+    holds(run_prompt(graph), "IP2PAutoGuidance", ok)
 
 
 @settings(FUZZ, max_examples=12)

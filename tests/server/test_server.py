@@ -19,7 +19,7 @@ WORKFLOWS = sorted((PACK / "example_workflows").glob("*.json"))
 # Edit workflows need only a checkpoint and an image; the dataset and training workflows have their own tests.
 EDIT_WORKFLOWS = sorted((PACK / "example_workflows").glob("instruct_edit*.json"))
 OUR_NODES = ["LoadIP2PModel", "ConvertToIP2P", "InstructEdit", "DualCFGSampler", "IP2PGuider", "IP2PGuidanceGrid",
-             "IP2PReferenceResize"]
+             "IP2PReferenceResize", "IP2PAutoGuidance"]
 
 
 def output_files(comfy_base: Path, entry: dict) -> list[Path]:
