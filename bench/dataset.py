@@ -203,7 +203,7 @@ class PairSampler:
     def run(self, variant: str, size: int, steps: int) -> torch.Tensor:
         import comfy.samplers
         from comfyui_ip2p.pipeline.edit import SamplingSettings, sigmas_for
-        from comfyui_ip2p.pipeline.p2p import SharedNoise, shared_noise_sampler_object
+        from comfyui_ip2p.pipeline.noise import SharedNoise, shared_noise_sampler_object
 
         sigmas = sigmas_for(self.model, SamplingSettings(steps=steps, scheduler=SCHEDULER))
         noise = SharedNoise(list(range(self.samples)), (4, size // 8, size // 8))

@@ -30,7 +30,7 @@ from ..algorithms.dual_cfg import branches_needed_by_any, check_scales, combine
 from .attention import with_fused_attention
 from .edit import SamplingSettings, decode, encode_image, encode_text, prepare_pixels, sample, sigmas_for
 from .guider import CORE_KEYS, CfgHooks, IP2PGuider, matching_text
-from .p2p import accepts_noise_sampler, uses_brownian_noise
+from .noise import accepts_noise_sampler, uses_brownian_noise
 
 Cell = tuple[float, float]  # (s_I, s_T)
 

@@ -50,7 +50,7 @@ def train(info: dict) -> dict:
     image = wf.add("LoadImage", image="example.png")
     edit = wf.add("InstructEdit", title="Edit with the trained model", instruction="make it winter",
                   image_guidance=1.5, text_guidance=7.5, steps=20, seed=0, sampler_name="euler_ancestral",
-                  scheduler="normal", resolution=512, keep_input_size=True, negative="", variations=1)
+                  scheduler="normal", keep_input_size=True, negative="", variations=1)
     save_edit = wf.add("SaveImage", filename_prefix="ip2p_trained_edit")
     save_loss = wf.add("SaveImage", title="Loss curve", filename_prefix="ip2p_train_loss")
     validation = wf.add("PreviewImage", title="Validation edits")

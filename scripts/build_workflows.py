@@ -46,7 +46,7 @@ def basic_edit(info: dict) -> dict:
     model = wf.add("LoadIP2PModel", checkpoint=REAL_CHECKPOINT)
     image = wf.add("LoadImage", image="example.png")
     edit = wf.add("InstructEdit", instruction="make it winter", image_guidance=1.5, text_guidance=7.5, steps=20,
-                  seed=0, sampler_name="euler_ancestral", scheduler="normal", resolution=512,
+                  seed=0, sampler_name="euler_ancestral", scheduler="normal",
                   keep_input_size=True, negative="", variations=1)
     save = wf.add("SaveImage", filename_prefix="instruct_edit")
     for slot, name in enumerate(("model", "clip", "vae")):
@@ -109,7 +109,7 @@ def masked_edit(info: dict) -> dict:
     model = wf.add("LoadIP2PModel", checkpoint=REAL_CHECKPOINT)
     image = wf.add("LoadImage", image="example.png")
     edit = wf.add("InstructEdit", instruction="make the sky pink", image_guidance=1.5, text_guidance=7.5,
-                  steps=20, seed=0, sampler_name="euler_ancestral", scheduler="normal", resolution=512,
+                  steps=20, seed=0, sampler_name="euler_ancestral", scheduler="normal",
                   keep_input_size=True, negative="", variations=1, mask_feather=8)
     save = wf.add("SaveImage", filename_prefix="instruct_edit_masked")
     for slot, name in enumerate(("model", "clip", "vae")):

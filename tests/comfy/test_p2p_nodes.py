@@ -75,7 +75,7 @@ def test_step_index_maps_every_model_call_to_its_step(comfy_base):
 
 def test_starting_noise_is_comfyui_noise_for_each_sample_seed_and_repeated_for_the_edit(comfy_base):
     import comfy.sample
-    from comfyui_ip2p.pipeline.p2p import SharedNoise
+    from comfyui_ip2p.pipeline.noise import SharedNoise
 
     noise = SharedNoise([5, 9], (4, 8, 8))
     start = noise.draw()
