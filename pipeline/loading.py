@@ -6,11 +6,12 @@ import os
 import pickle
 from pathlib import Path
 
-import comfy.diffusers_load
 import comfy.model_base
 import comfy.sd
 import folder_paths
 import torch
+
+from .diffusers_folder import DiffusersFolderError, load_ip2p_folder
 
 CONV_IN = "input_blocks.0.0.weight"
 
@@ -19,13 +20,18 @@ class ModelKindError(ValueError):
     pass
 
 
+def _is_model_folder(folder: Path) -> bool:
+    # A folder with model_index.json but no UNet is listed too, so picking it says which loader fits.
+    return (folder / "unet").is_dir() or (folder / "model_index.json").is_file()
+
+
 def checkpoint_choices() -> list[str]:
     """Single-file checkpoints, then diffusers folders (as `diffusers/<name>`)."""
     files = folder_paths.get_filename_list("checkpoints")
     folders = []
     for root in folder_paths.get_folder_paths("diffusers"):
         if os.path.isdir(root):
-            folders += sorted(d for d in os.listdir(root) if (Path(root) / d / "unet").is_dir())
+            folders += sorted(d for d in os.listdir(root) if _is_model_folder(Path(root) / d))
     return files + [f"diffusers/{name}" for name in folders]
 
 
@@ -35,7 +41,7 @@ def resolve_checkpoint(name: str) -> tuple[str, bool]:
         folder = name.removeprefix("diffusers/")
         for root in folder_paths.get_folder_paths("diffusers"):
             candidate = Path(root) / folder
-            if "/" not in folder and ".." not in folder and (candidate / "unet").is_dir():
+            if "/" not in folder and ".." not in folder and _is_model_folder(candidate):
                 return str(candidate), True
         raise FileNotFoundError(f"no diffusers folder {folder!r} under models/diffusers")
     path = folder_paths.get_full_path("checkpoints", name)
@@ -75,13 +81,13 @@ def load_ip2p(name: str) -> tuple:
         raise ModelKindError(t2i_message(name, channels))
     try:
         if is_folder:
-            model, clip, vae = comfy.diffusers_load.load_diffusers(
-                path, output_vae=True, output_clip=True,
-                embedding_directory=folder_paths.get_folder_paths("embeddings"))
+            model, clip, vae = load_ip2p_folder(Path(path), folder_paths.get_folder_paths("embeddings"))
         else:
             model, clip, vae = comfy.sd.load_checkpoint_guess_config(
                 path, output_vae=True, output_clip=True,
                 embedding_directory=folder_paths.get_folder_paths("embeddings"))[:3]
+    except DiffusersFolderError as error:
+        raise ModelKindError(f"{name}: {error}") from error
     except pickle.UnpicklingError as error:
         # ComfyUI loads .ckpt/.pt files with torch's weights-only unpickler; a file that needs more than plain
         # tensors is refused. Its own message suggests turning safe loading off, which must not be followed.

@@ -7,6 +7,14 @@ ComfyUI's sampler already splits the conditioning batch to fit the free memory, 
 (comfy.samplers.calc_cond_batch), so the edit is refused only when even one row cannot fit: when ComfyUI
 itself would have no way left to run it. The VAE has a way out (tiles), taken before memory runs out.
 
+On a GPU the estimate follows comfy.model_management.load_models_gpu, which the sampler calls before sampling:
+it keeps `minimum_memory_required` free for computing (max(minimum_inference_memory(), the model's
+memory_required for one row + extra_reserved_memory(), which --reserve-vram sets)) and, when partial loading is
+possible (lowvram_available with vram_state NORMAL_VRAM, LOW_VRAM or NO_VRAM, i.e. not --highvram/--gpu-only),
+loads only the weights that fit beside it and streams the rest from system memory (lowvram_model_memory). So the
+weights count only where ComfyUI must load them all; a small card is refused only when even the computing
+memory does not fit.
+
 A real out-of-memory error while sampling (the estimate is an estimate) becomes the same clear message.
 """
 
@@ -67,15 +75,35 @@ def sampling_memory(patcher, latent_shape: Sequence[int], rows: int = 1) -> int:
     return int(patcher.model.memory_required([rows, *latent_shape]))
 
 
+def partial_loading(device: torch.device) -> bool:
+    """Whether ComfyUI may load part of a model's weights on `device` and stream the rest (load_models_gpu)."""
+    if device.type in ("cpu", "mps"):
+        return False
+    return bool(mm.lowvram_available) and mm.vram_state in (mm.VRAMState.NORMAL_VRAM, mm.VRAMState.LOW_VRAM,
+                                                               mm.VRAMState.NO_VRAM)
+
+
+def computing_memory(device: torch.device, compute: int) -> int:
+    """What ComfyUI keeps free for one model call needing `compute` bytes (load_models_gpu's
+    minimum_memory_required); on a CPU (no model loading there) just `compute`."""
+    if device.type in ("cpu", "mps"):
+        return compute
+    return int(max(mm.minimum_inference_memory(), compute + mm.extra_reserved_memory()))
+
+
 def check_sampling(patcher, latent_shape: Sequence[int], what: str, advice: str = EDIT_ADVICE,
                    rows: int = 1) -> None:
     """Raises EditTooLargeError when not even the smallest batch ComfyUI can run (`rows` rows) fits."""
     device = patcher.load_device
-    needed = sampling_memory(patcher, latent_shape, rows) + weights_to_load(patcher)
+    needed = computing_memory(device, sampling_memory(patcher, latent_shape, rows))
+    streamed = partial_loading(device)
+    if not streamed:
+        needed += weights_to_load(patcher)
     available = available_memory(device)
     if needed > available:
+        weights = " with the weights streamed from system memory (ComfyUI's low-VRAM loading)" if streamed else ""
         raise EditTooLargeError(
-            f"{what} is too large for this {device.type.upper()}: sampling it needs about {gib(needed)} "
+            f"{what} is too large for this {device.type.upper()}: sampling it needs about {gib(needed)}{weights} "
             f"(ComfyUI's estimate for one {latent_shape[-1] * 8}x{latent_shape[-2] * 8} image), but only "
             f"{gib(available)} is available. To fix: {advice}"
         )

@@ -226,3 +226,55 @@ def write_lora(path: str | os.PathLike, checkpoint: str | os.PathLike, seed: int
 
     return save_safetensors(lora_state_dict(safetensors.torch.load_file(str(checkpoint)), seed=seed), path,
                             {"comfyui_ip2p.random_model": json.dumps({"kind": "lora"})})
+
+
+# --- the tiny SD1.5-IP2P model as a diffusers folder --------------------------------------------------------------
+# The tiny checkpoint's VAE is TAESD-shaped, which diffusers' AutoencoderKL cannot hold, so the folder and its
+# single-file twin share a random AutoencoderKL in SD1.5's layout (the only KL layout ComfyUI's VAE loader builds:
+# 128 base channels). The UNet and CLIP-L weights are the tiny checkpoint's.
+
+SD15_VAE_CONFIG = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "sample_size": 512,
+    "block_out_channels": [128, 256, 512, 512], "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4, "norm_num_groups": 32, "scaling_factor": 0.18215,
+}
+
+
+def write_diffusers_folder(folder: str | os.PathLike, single_file: str | os.PathLike | None = None,
+                           seed: int = 0, in_channels: int = 8) -> Path:
+    """Saves a tiny SD1.5 model with diffusers' own `save_pretrained` (safetensors) as an InstructPix2Pix
+    pipeline folder; with `single_file`, also writes the same weights as a single-file checkpoint there."""
+    import comfy.clip_model
+    import comfy.diffusers_convert
+    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from ..pipeline.random_model import CLIP_PREFIX
+
+    layout = LAYOUTS["tiny"]
+    unet_sd = unet_state_dict(layout, in_channels, seed)
+    clip_sd = clip_l_state_dict(seed + 1)
+    unet = diffusers_twin(unet_sd, layout, in_channels)
+    comfy_dir = Path(comfy.clip_model.__file__).parent
+    text_config = CLIPTextConfig(**json.loads((comfy_dir / "sd1_clip_config.json").read_text()))
+    text_encoder = CLIPTextModel(text_config)
+    weights = {k.removeprefix(CLIP_PREFIX): v.float() for k, v in clip_sd.items()}
+    if not any(k.startswith("text_model.") for k in text_encoder.state_dict()):
+        # Newer transformers keep the text model's weights at the top level (save_pretrained writes them so).
+        weights = {k.removeprefix("text_model."): v for k, v in weights.items()}
+    missing, unexpected = text_encoder.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]  # a buffer, not a weight
+    if missing or unexpected:
+        raise RuntimeError(f"CLIP text model mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKL(**SD15_VAE_CONFIG).eval()
+    pipeline = StableDiffusionInstructPix2PixPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=CLIPTokenizer.from_pretrained(comfy_dir / "sd1_tokenizer"),
+        unet=unet, scheduler=EulerAncestralDiscreteScheduler(), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    if single_file is not None:
+        vae_sd = comfy.diffusers_convert.convert_vae_state_dict(vae.state_dict())
+        tensors = {**unet_sd, **clip_sd, **{VAE_PREFIX + k: v for k, v in vae_sd.items()}}
+        save_safetensors(tensors, single_file)
+    return Path(folder)

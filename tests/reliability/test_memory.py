@@ -220,3 +220,93 @@ def test_unloading_frees_the_clip_filter_model(comfy_nodes, comfy_base):
                   "output_caption": "a white square", "clip_weights": weights, "batch_size": 1}},
               "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 4]}}}
     assert assert_unloading_frees_what_ran(prompt) >= 2, "the CLIP model runs under a ComfyUI ModelPatcher"
+
+
+# --- small GPUs: partial loading counted as ComfyUI counts it ---------------------------------------------
+
+SDXL_WEIGHT_BYTES = 2_567_463_684 * 2  # SDXL's UNet parameters in float16
+
+
+class SDXLOnACard:
+    """An SDXL-sized MODEL on a (pretend) CUDA card: ComfyUI's SDXL_instructpix2pix class gives the memory
+    estimate; the weights' size is the full SDXL UNet's, none of it loaded on the card yet."""
+
+    def __init__(self, patcher):
+        self.patcher, self.model = patcher, patcher.model
+        self.load_device, self.offload_device = torch.device("cuda", 0), torch.device("cpu")
+
+    def model_size(self) -> int:
+        return SDXL_WEIGHT_BYTES
+
+    def loaded_size(self) -> int:
+        return 0
+
+    def get_model_object(self, name):
+        return self.patcher.get_model_object(name)
+
+
+@pytest.fixture()
+def card(monkeypatch):
+    """`card(gib, vram_state=NORMAL_VRAM, reserve_gib=None)`: ComfyUI's device-memory functions report a card of
+    that size, all of it free, in that VRAM state (as --highvram / --lowvram / --novram set it)."""
+    import comfy.model_management as mm
+
+    # ComfyUI's estimate without fused attention (the larger of its two formulas), whatever this machine runs.
+    monkeypatch.setattr(mm, "xformers_enabled", lambda: False)
+    monkeypatch.setattr(mm, "pytorch_attention_flash_attention", lambda: False)
+    monkeypatch.setattr(mm, "lowvram_available", True)
+
+    def make(size_gib: float, vram_state=mm.VRAMState.NORMAL_VRAM, reserve_gib: float | None = None) -> None:
+        size = int(size_gib * 1024**3)
+        monkeypatch.setattr(mm, "get_total_memory", lambda *args, **kwargs: size)
+        monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False:
+                            (size, size) if torch_free_too else size)
+        monkeypatch.setattr(mm, "vram_state", vram_state)
+        if reserve_gib is not None:  # --reserve-vram
+            monkeypatch.setattr(mm, "EXTRA_RESERVED_VRAM", int(reserve_gib * 1024**3))
+
+    return make
+
+
+@pytest.mark.parametrize("size_gib", [6, 8])
+def test_a_1024_sdxl_edit_on_a_small_card_is_accepted_when_comfyui_would_stream_the_weights(card, size_gib):
+    import comfy.model_management as mm
+    from comfyui_ip2p.pipeline import memory
+    from comfyui_ip2p.testing.tiny_models import tiny_sdxl_ip2p
+
+    model = SDXLOnACard(tiny_sdxl_ip2p())
+    latent = (4, 128, 128)  # 1024x1024
+    compute = memory.sampling_memory(model, latent)
+    card(size_gib)
+    keep_free = max(mm.minimum_inference_memory(), compute + mm.extra_reserved_memory())
+    # On 6 GiB the weights do not fit beside what sampling needs: ComfyUI loads part and streams the rest.
+    assert (SDXL_WEIGHT_BYTES + keep_free > mm.get_free_memory()) == (size_gib == 6)
+    memory.check_sampling(model, latent, "the edit")
+
+    card(size_gib, vram_state=mm.VRAMState.NO_VRAM)  # --novram: every weight streamed
+    memory.check_sampling(model, latent, "the edit")
+
+    card(size_gib, vram_state=mm.VRAMState.HIGH_VRAM)  # --highvram: ComfyUI loads every weight
+    if size_gib == 6:
+        with pytest.raises(memory.EditTooLargeError,
+                           match=r"needs about \d+\.\d GiB \(ComfyUI's estimate.* only 6\.0 GiB"):
+            memory.check_sampling(model, latent, "the edit")
+    else:
+        memory.check_sampling(model, latent, "the edit")
+
+
+@pytest.mark.parametrize("size_gib", [6, 8])
+def test_a_small_card_refuses_only_what_comfyui_could_not_run(card, size_gib):
+    from comfyui_ip2p.pipeline import memory
+    from comfyui_ip2p.testing.tiny_models import tiny_sdxl_ip2p
+
+    model = SDXLOnACard(tiny_sdxl_ip2p())
+    card(size_gib)
+    # 2560x2560: one row's computing memory alone is larger than the card.
+    with pytest.raises(memory.EditTooLargeError,
+                       match=rf"needs about \d+\.\d GiB with the weights streamed .* only {size_gib}\.0 GiB"):
+        memory.check_sampling(model, (4, 320, 320), "the edit")
+    # --reserve-vram keeps memory back for other programs: ComfyUI then has too little left for 1024x1024.
+    card(size_gib, reserve_gib=size_gib - 1)
+    with pytest.raises(memory.EditTooLargeError, match=rf"only {size_gib}\.0 GiB"):
+        memory.check_sampling(model, (4, 128, 128), "the edit")
