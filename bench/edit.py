@@ -672,12 +672,13 @@ def detail_report(args: argparse.Namespace, result: dict[str, Any]) -> str:
     ])
 
 
-def detail_parent(args: argparse.Namespace) -> int:
+def one_child_parent(args: argparse.Namespace, name: str, report: Callable[[argparse.Namespace, dict], str]) -> int:
+    """Runs the one child `name` (--detail, --grid) in a work folder and prints its report."""
     temporary = args.workdir is None
     args.workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="ip2p-bench-"))).resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = run_all(args, ["detail"])
-    print(detail_report(args, results["detail"]))
+    results = run_all(args, [name])
+    print(report(args, results[name]))
     if temporary:
         shutil.rmtree(args.workdir, ignore_errors=True)
     return 0
@@ -744,17 +745,6 @@ def grid_report(args: argparse.Namespace, result: dict[str, Any]) -> str:
         f"per-cell / batched = {fmt(per_cell / batched, '.2f')}x",
         f"  max relative difference of the latents: {result['max_relative_error']:.2e}",
     ])
-
-
-def grid_parent(args: argparse.Namespace) -> int:
-    temporary = args.workdir is None
-    args.workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="ip2p-bench-"))).resolve()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    results = run_all(args, ["grid"])
-    print(grid_report(args, results["grid"]))
-    if temporary:
-        shutil.rmtree(args.workdir, ignore_errors=True)
-    return 0
 
 
 # --- child entry ----------------------------------------------------------------------------------------------
@@ -917,8 +907,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.only:
         if args.grid:
-            return grid_parent(args)
-        return detail_parent(args) if args.detail else parent(args)
+            return one_child_parent(args, "grid", grid_report)
+        return one_child_parent(args, "detail", detail_report) if args.detail else parent(args)
     args.workdir = args.workdir.resolve()
     args.result.write_text(json.dumps(run_variant(args), indent=2))
     sys.stdout.flush()
