@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -61,6 +62,7 @@ IMAGE_SCALE = 1.5
 VARIANTS = {
     "a": "InstructEdit (ours)",
     "a1": "InstructEdit, s_I=1 (2 branches)",
+    "a32": "InstructEdit in fp32 (the reference for --precision)",
     "b": "core nodes by hand (DualCFGGuider)",
     "c": "diffusers IP2P pipeline",
     "d": "floor: model calls alone",
@@ -73,6 +75,8 @@ Series = dict[int, VariantResult]  # steps -> result
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=("sd15", "sdxl"), default="sd15",
+                        help="sdxl: SDXL-InstructPix2Pix, ours (a) against diffusers' SDXL pipeline (c); bench/sdxl.py")
     parser.add_argument("--size", choices=("tiny", "full"), default="tiny", help="random model layout")
     parser.add_argument("--res", type=int, default=128, help="square edit resolution (multiple of 64)")
     parser.add_argument("--steps", default="4", help="sampling steps; a comma list (20,100) measures each "
@@ -87,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch CPU threads in each child (0 = torch's default); 1 is steadier on a busy "
                              "machine, where 2-thread runs of small ops lose time spinning at barriers")
     parser.add_argument("--variants", default="a,a1,b,c,d", help="comma-separated subset of " + ",".join(VARIANTS))
+    parser.add_argument("--precision", choices=("fp32", "auto", "bf16", "fp16"), default="fp32",
+                        help="compute precision of (a)/(a1) through the Compute Precision patch; with anything "
+                             "but fp32 add variant a32 to get the error against the fp32 edit")
     parser.add_argument("--attention", choices=("default", "pytorch"), default="default",
                         help="ComfyUI's attention: its own choice, or PyTorch's fused SDPA (as "
                              "--use-pytorch-cross-attention); on CPU ComfyUI's own choice is sub-quadratic")
@@ -339,8 +346,12 @@ def measure_comfy(ctx: Context, run_edit: Callable[[Any, int], torch.Tensor], mo
 
 
 def run_instruct_edit(ctx: Context, name: str, image_scale: float) -> Series:
+    from comfyui_ip2p.pipeline.precision import with_precision
+
     model, clip, vae = load_comfy_models(ctx)
     node = ctx.nodes["InstructEdit"]
+    if name != "a32":
+        model = with_precision(model, ctx.args.precision)
 
     def edit(patched_model, steps: int) -> torch.Tensor:
         images, _ = call_node(
@@ -753,19 +764,20 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     name = args.only
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    nodes = boot_comfy(args, with_nodes=name in ("a", "a1", "b", "detail", "grid"))
+    nodes = boot_comfy(args, with_nodes=name in ("a", "a1", "a32", "b", "detail", "grid"))
     if name == "prepare":
         return prepare(args)
     if name == "detail":
         return run_detail(Context(args, args.workdir, args.device, load_image(args), nodes))
     if name == "grid":
         return run_grid(Context(args, args.workdir, args.device, load_image(args), nodes))
-    if name in ("a", "a1") and "InstructEdit" not in nodes:
+    if name in ("a", "a1", "a32") and "InstructEdit" not in nodes:
         raise RuntimeError("the pack registered no InstructEdit node: see the import error in ComfyUI's log above")
     ctx = Context(args, args.workdir, args.device, load_image(args), nodes)
     runners: dict[str, Callable[[], Series]] = {
         "a": lambda: run_instruct_edit(ctx, "a", IMAGE_SCALE),
         "a1": lambda: run_instruct_edit(ctx, "a1", 1.0),
+        "a32": lambda: run_instruct_edit(ctx, "a32", IMAGE_SCALE),
         "b": lambda: run_core_graph(ctx),
         "c": lambda: run_diffusers(ctx),
         "d": lambda: run_floor(ctx),
@@ -781,6 +793,7 @@ def child_argv(args: argparse.Namespace, name: str, result: Path) -> list[str]:
         "--size", args.size, "--res", str(args.res), "--steps", ",".join(map(str, args.steps)),
         "--repeats", str(args.repeats), "--warmup-steps", str(args.warmup_steps), "--device", args.device,
         "--seed", str(args.seed), "--attention", args.attention, "--threads", str(args.threads),
+        "--precision", args.precision,
     ]
 
 
@@ -866,8 +879,24 @@ def report(args: argparse.Namespace, results: dict[str, Any], steps: int) -> str
             lines.append(f"  ({name}) {parts} s; dtypes {d.get('dtypes')}")
     diff = max_diff(args, steps, "a", "b")
     if diff is not None:
-        lines.append(f"  max |image (a) - image (b)| = {diff:.2e} (same seed, same formula: should be ~0)")
+        lines.append(f"  max |image (a) - image (b)| = {diff:.2e} (same seed, same formula: should be ~0)"
+                     + (f"; (a) runs in precision {args.precision}" if args.precision != "fp32" else ""))
+    lines += precision_lines(args, steps)
     return "\n".join(lines)
+
+
+def precision_lines(args: argparse.Namespace, steps: int) -> list[str]:
+    """How far the --precision edit (a) is from the fp32 edit (a32) of the same seed: relative error of the
+    images and their PSNR."""
+    paths = [args.workdir / f"out-{v}-{steps}.pt" for v in ("a", "a32")]
+    if not all(p.is_file() for p in paths):
+        return []
+    ours, exact = (torch.load(p).float() for p in paths)
+    relative_error = float((ours - exact).norm() / exact.norm().clamp_min(1e-12))
+    mse = float((ours - exact).pow(2).mean())
+    psnr = float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+    return [f"  (a) in {args.precision} vs (a32) fp32, same seed: image relative error {relative_error:.2e}, "
+            f"PSNR {psnr:.1f} dB"]
 
 
 def save_json(args: argparse.Namespace, results: dict[str, Any], tables: dict[int, str]) -> Path:
@@ -905,6 +934,10 @@ def parent(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.family == "sdxl":
+        import sdxl  # its own module: imported only for this family
+
+        return sdxl.main(args)
     if not args.only:
         if args.grid:
             return one_child_parent(args, "grid", grid_report)

@@ -261,8 +261,10 @@ class IP2PGuidanceGrid(io.ComfyNode):
                 io.String.Input("text_guidance_values", default="5.0, 7.5, 10.0",
                                 tooltip="Comma-separated s_T values (columns)."),
                 *sampling_inputs(),
-                io.Int.Input("resolution", default=512, min=64, max=4096, step=64,
-                             tooltip="Longest side of each cell's edit."),
+                io.Int.Input("resolution", default=NATIVE_RESOLUTION, min=NATIVE_RESOLUTION, max=4096, step=64,
+                             tooltip="Longest side of each cell's edit. -64 (the default) = the model's native "
+                                     "size: 512 for SD1.x/2.x, 1024 for SDXL and CosXL Edit. 0 = the input's "
+                                     "own size."),
             ],
             outputs=[
                 io.Image.Output(display_name="grid", tooltip="All cells, labelled."),

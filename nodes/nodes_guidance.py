@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io, ui
 
 from ..pipeline.auto_guidance import auto_guidance
+from ..pipeline.edit import NATIVE_RESOLUTION
 from ..pipeline.images import parse_scales
 from ..pipeline.loading import check_is_ip2p
 from .errors import named_errors
@@ -37,8 +38,10 @@ class IP2PAutoGuidance(io.ComfyNode):
                 io.String.Input("text_guidance_values", default="5.0, 7.5, 10.0",
                                 tooltip="Comma-separated s_T values to try (the grid's columns)."),
                 *sampling_inputs(),
-                io.Int.Input("resolution", default=512, min=64, max=4096, step=64,
-                             tooltip="Longest side of each cell's edit (512 for SD1.5 models)."),
+                io.Int.Input("resolution", default=NATIVE_RESOLUTION, min=NATIVE_RESOLUTION, max=4096, step=64,
+                             tooltip="Longest side of each cell's edit. -64 (the default) = the model's native "
+                                     "size: 512 for SD1.x/2.x, 1024 for SDXL and CosXL Edit. 0 = the input's "
+                                     "own size."),
                 clip_weights_input(),
                 io.Float.Input("min_image_similarity", default=0.7, min=-1.0, max=1.0, step=0.01,
                                tooltip="The least CLIP image similarity to the input a cell must keep to be "

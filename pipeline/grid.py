@@ -28,7 +28,17 @@ import torch
 
 from ..algorithms.dual_cfg import branches_needed_by_any, check_scales, combine
 from .attention import with_fused_attention
-from .edit import SamplingSettings, decode, encode_image, encode_text, prepare_pixels, sample, sigmas_for
+from .edit import (
+    SamplingSettings,
+    decode,
+    edit_resolution,
+    encode_image,
+    encode_text,
+    prepare_pixels,
+    sample,
+    sigmas_for,
+    with_size,
+)
 from .guider import CORE_KEYS, CfgHooks, IP2PGuider, matching_text
 from .noise import accepts_noise_sampler, uses_brownian_noise
 
@@ -153,9 +163,12 @@ def grid_latents(model, positive, negative, image_latent: torch.Tensor, cells: S
 
 def edit_grid(model, clip, vae, image: torch.Tensor, instruction: str, cells: Sequence[Cell], resolution: int,
               settings: SamplingSettings, negative: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-    """(the input as edited: resized RGB pixels [1, H, W, 3], the cells' edits [K, H, W, 3]) for the first image."""
-    pixels = prepare_pixels(image[:1], resolution)
+    """(the input as edited: resized RGB pixels [1, H, W, 3], the cells' edits [K, H, W, 3]) for the first image.
+
+    `resolution` as InstructEdit's: negative = the model's native size; SDXL gets the same size conditioning."""
+    pixels = prepare_pixels(image[:1], edit_resolution(model, resolution))
     image_latent = encode_image(vae, pixels, model)
-    positive, uncond = encode_text(clip, instruction), encode_text(clip, negative)
+    width, height = pixels.shape[2], pixels.shape[1]
+    positive, uncond = (with_size(model, encode_text(clip, text), width, height) for text in (instruction, negative))
     samples = grid_latents(model, positive, uncond, image_latent, cells, settings)
     return pixels, decode(vae, samples)

@@ -7,7 +7,9 @@ import pickle
 from pathlib import Path
 
 import comfy.model_base
+import comfy.model_patcher
 import comfy.sd
+import comfy.supported_models
 import folder_paths
 import torch
 
@@ -97,6 +99,8 @@ def load_ip2p(name: str) -> tuple:
     except Exception as error:
         raise ModelKindError(f"could not load {name}: {error}. The file may be truncated or not a Stable "
                              "Diffusion checkpoint; re-download it or pick another.") from error
+    if model is not None and needs_sdxl_ip2p_class(model):
+        model = as_sdxl_ip2p(model, model.model.diffusion_model.state_dict())
     check_is_ip2p(model, name)
     return model, clip, vae
 
@@ -111,6 +115,43 @@ def check_is_ip2p(model, name: str = "the model") -> None:
 
 def is_ip2p(model) -> bool:
     return isinstance(model.model, comfy.model_base.IP2P)
+
+
+def is_sdxl_family(model) -> bool:
+    """SDXL and its distillations (SSD-1B, Vega, KOALA): ComfyUI builds them all as model_base.SDXL."""
+    return isinstance(model.model, comfy.model_base.SDXL)
+
+
+def needs_sdxl_ip2p_class(model) -> bool:
+    """An 8-channel SDXL-family UNet that ComfyUI's matchers built as text-to-image.
+
+    ComfyUI recognises SDXL_instructpix2pix only in SDXL's full layout, so an SDXL distillation made into an
+    InstructPix2Pix model (ConvertToIP2P, then TrainIP2P) would load back as a text-to-image SDXL.
+    """
+    return (is_sdxl_family(model) and not is_ip2p(model)
+            and model.model.model_config.unet_config.get("in_channels") == 8)
+
+
+def sdxl_ip2p_config_like(source_config) -> comfy.supported_models.SDXL_instructpix2pix:
+    """ComfyUI's SDXL_instructpix2pix config with everything else of `source_config` (its layout, dtypes,
+    latent format and the sampling settings its checkpoint keys chose, e.g. CosXL's EDM sigmas), 8 channels."""
+    config = comfy.supported_models.SDXL_instructpix2pix.__new__(comfy.supported_models.SDXL_instructpix2pix)
+    config.__dict__.update(source_config.__dict__)
+    config.unet_config = {**source_config.unet_config, "in_channels": 8}
+    config.sampling_settings = dict(source_config.sampling_settings)
+    config.optimizations = dict(source_config.optimizations)
+    return config
+
+
+def as_sdxl_ip2p(model, unet_state: dict[str, torch.Tensor]):
+    """A new ModelPatcher holding ComfyUI's SDXL_instructpix2pix model with `unet_state` (8 input channels),
+    keeping the source MODEL's prediction type and devices; the source is untouched."""
+    base = model.model
+    ip2p = comfy.model_base.SDXL_instructpix2pix(sdxl_ip2p_config_like(base.model_config), model_type=base.model_type,
+                                                 device=model.offload_device)
+    ip2p.diffusion_model.load_state_dict(unet_state)
+    return comfy.model_patcher.ModelPatcher(ip2p, load_device=model.load_device,
+                                            offload_device=model.offload_device)
 
 
 def widen_conv_in(unet_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -130,6 +171,9 @@ def convert_to_ip2p(model):
     if is_ip2p(model):
         return model.clone()
     state = {k: v.detach().clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    if is_sdxl_family(model):
+        # ComfyUI's matcher knows only the full SDXL layout as IP2P; the class fits every SDXL-family layout.
+        return as_sdxl_ip2p(model, widen_conv_in(state))
     converted = comfy.sd.load_diffusion_model_state_dict(widen_conv_in(state),
                                                          model_options={"dtype": model.model.get_dtype()})
     if converted is None or not is_ip2p(converted):

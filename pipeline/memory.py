@@ -255,14 +255,23 @@ def meta_unet(model) -> UNetModel:
     return type(base)(config, model_type=base.model_type, device=torch.device("meta")).diffusion_model
 
 
+def meta_size_y(unet: UNetModel):
+    """For a UNet that takes a `y` vector (SDXL), one of the right width on the meta device; else None."""
+    if unet.num_classes is None:
+        return None
+    width = unet.label_emb[0][0].in_features
+    return lambda pooled, _height, _width: torch.zeros(pooled.shape[0], width, device="meta")
+
+
 def activation_bytes(unet: UNetModel, channels: int, context_dim: int, resolution: int) -> int:
     """Bytes one training sample's forward pass keeps for the backward pass, at `resolution`."""
     side = PROBE_RESOLUTION // 8
-    trainee = ComfyUNet(unet)
+    trainee = ComfyUNet(unet, meta_size_y(unet))
+    tokens = 77 if trainee.size_y is None else 78  # SDXL: the pooled text as a last token
 
     def forward(batch: int) -> None:
         x = torch.zeros(batch, 2 * channels, side, side, device="meta")
-        context = torch.zeros(batch, 77, context_dim, device="meta")
+        context = torch.zeros(batch, tokens, context_dim, device="meta")
         trainee(x, torch.zeros(batch, device="meta"), context)
 
     try:

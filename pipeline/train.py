@@ -42,22 +42,20 @@ from ..training.files import save_bytes, save_file, save_safetensors, save_torch
 from ..training.identity import RunIdentity, check_resumable, claim_run, dataset_fingerprint, weights_fingerprint
 from ..training.plots import loss_curve, validation_grid
 from ..training.trainer import Hooks, TrainableModel, Trainer
-from .edit import SamplingSettings, decode, encode_text, sample
-from .guider import make_guider
+from .edit import SamplingSettings, decode, encode_text, sample, with_size
+from .guider import make_guider, matching_text
 from .lora import UNET_PREFIX, make_lora
 from .memory import check_memory
 from .trainee import (
-    ComfyUNet,
     check_trainable,
     checkpoint_blocks,
     encode_images,
     encoders,
     noise_schedule,
     trainable_ip2p,
+    trainee_unet,
     training_base,
 )
-
-log = logging.getLogger("comfyui_ip2p.training")
 
 log = logging.getLogger("comfyui_ip2p.training")
 
@@ -103,8 +101,11 @@ def save_full_checkpoint(path: Path, model, clip, vae, metadata: dict[str, str],
                          dtype: torch.dtype = torch.float16) -> Path:
     """What comfy.sd.save_checkpoint writes (the model's own state_dict_for_saving key layout), in `dtype`:
     fp16 by default, like released checkpoints, instead of whatever precision the weights are held in."""
-    comfy.model_management.load_models_gpu([model, clip.load_model()], force_patch_weights=True)
-    state = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
+    # Loaded first, so LoRAs on the text encoder are merged into what is saved. A CLIP with no weights of
+    # its own (load_model() None) saves a checkpoint without text encoders, as ComfyUI's loaders read them.
+    patchers = [p for p in (model, clip.load_model()) if p is not None]
+    comfy.model_management.load_models_gpu(patchers, force_patch_weights=True)
+    state = model.model.state_dict_for_saving(clip.get_sd() or None, vae.get_sd(), None)
     state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in state.items()}
     return save_file(path, lambda tmp: comfy.utils.save_torch_file(state, tmp, metadata=metadata))
 
@@ -126,8 +127,9 @@ class Validator:
             self.targets.append(crop_flip(target, where, size))
         clip, vae = session.clip, session.vae
         self.image_latents = encode_images(vae, torch.stack(self.inputs)) if self.rows else None
-        self.positives = [encode_text(clip, row.instruction) for row in self.rows]
-        self.negative = encode_text(clip, "")
+        model, side = session.source, size
+        self.positives = [with_size(model, encode_text(clip, row.instruction), side, side) for row in self.rows]
+        self.negative = with_size(model, encode_text(clip, ""), side, side)
         self.settings = SamplingSettings(steps=steps, seed=0)
         self.history: list[tuple[int, list[torch.Tensor]]] = []
 
@@ -165,9 +167,14 @@ class Session:
             params = dict(unet.named_parameters())
         else:
             params = self.adapters.params()
-        self.trainable = TrainableModel(unet=ComfyUNet(unet), params=params, schedule=schedule,
+        self.trainable = TrainableModel(unet=trainee_unet(self.base), params=params, schedule=schedule,
                                         latent_scale=float(self.base.latent_format.scale_factor),
                                         checkpoint_blocks=checkpoint_blocks(unet))
+
+    @property
+    def pooled_text(self) -> bool:
+        """SDXL-family models also take the pooled text embedding (see trainee.ComfyUNet)."""
+        return self.trainable.unet.size_y is not None
 
     @property
     def latent_channels(self) -> int:
@@ -278,6 +285,14 @@ def load_state(path: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def check_connected(model, clip) -> None:
+    """What the node's inputs must be before any work: a trainable MODEL and, when connected, its own family's
+    CLIP (an SD1.5 CLIP on an SDXL model would otherwise fail deep in the UNet)."""
+    check_trainable(model)
+    if clip is not None:
+        matching_text(model, encode_text(clip, ""))
+
+
 def run_training(model, clip, vae, dataset: dict, config: TrainConfig, files: RunFiles, *, resume: bool = True,
                  world: World | None = None, on_step: Progress | None = None,
                  should_stop: Callable[[], bool] | None = None,
@@ -292,7 +307,7 @@ def run_training(model, clip, vae, dataset: dict, config: TrainConfig, files: Ru
     """
     world = world or World()
     identity = claim_run(files.model, files.identity)
-    check_trainable(model)
+    check_connected(model, clip)
     with torch.inference_mode(False), torch.enable_grad():
         # Inside: the probe's (meta) weights must not be inference tensors, which autograd refuses to save.
         check_memory(model, vae, config, comfy.model_management.get_torch_device())
@@ -305,8 +320,9 @@ def run_training(model, clip, vae, dataset: dict, config: TrainConfig, files: Ru
         if state is not None:
             check_resumable(state, identity, files.state)
         started = time.perf_counter()
-        batches = make_batches(rows, encoders(clip, vae), session.config.resolution, session.config.cache_latents,
-                               session.config.random_crop, session.config.random_flip, progress=on_cache)
+        batches = make_batches(rows, encoders(clip, vae, session.pooled_text), session.config.resolution,
+                               session.config.cache_latents, session.config.random_crop,
+                               session.config.random_flip, progress=on_cache)
         cache_seconds = time.perf_counter() - started
         if session.device.type == "cuda":
             # The source MODEL was loaded only to copy its patched weights: give its VRAM to training.

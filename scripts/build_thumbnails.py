@@ -8,9 +8,10 @@ template's input image (ComfyUI's input/example.png, the image every template's 
 result, with the instruction written above.
 
 - With a real InstructPix2Pix checkpoint (`--checkpoint NAME` in models/checkpoints, or the first 8-channel
-  safetensors found there that is not one of the pack's random test models), the three edit templates are run
-  for real (through the headless edit command, on the template's own JSON) and the thumbnail shows the model's
-  output, labelled with the checkpoint's name.
+  safetensors found there that is not one of the pack's random test models), the edit templates of its family are
+  run for real (through the headless edit command, on the template's own JSON) and the thumbnail shows the model's
+  output, labelled with the checkpoint's name: an SD1.x checkpoint runs the three SD1.5 edit templates, an SDXL
+  one (CosXL Edit) the SDXL template.
 - Without one (the development machines hold only random test models, whose output is noise), the result
   panel is an ILLUSTRATION of the requested edit drawn with plain PIL operations (colour changes, snow, a
   sunset sky), and every such picture says so on its face.
@@ -45,6 +46,7 @@ MUTED = (160, 164, 172)
 ACCENT = (255, 196, 0)
 RANDOM_MODEL_KEY = "comfyui_ip2p.random_model"  # safetensors metadata of the pack's random test models
 CONV_IN = "diffusion_model.input_blocks.0.0.weight"
+SIZE_EMBEDDING = "diffusion_model.label_emb.0.0.weight"  # SDXL's size embedding; SD1.x UNets have none
 
 
 # --- where things are ---------------------------------------------------------------------------------------
@@ -78,6 +80,13 @@ def real_ip2p_checkpoints(folder: Path) -> list[str]:
         if shapes and len(shapes[0]) == 4 and shapes[0][1] == 8:
             found.append(path.relative_to(folder).as_posix())
     return found
+
+
+def is_sdxl_checkpoint(path: Path) -> bool:
+    try:
+        return any(key.endswith(SIZE_EMBEDDING) for key in safetensors_header(path))
+    except (OSError, ValueError, struct.error):
+        return False
 
 
 def is_random_model(path: Path) -> bool:
@@ -338,7 +347,7 @@ def masked_input(image: Image.Image) -> Image.Image:
     return Image.composite(tint, picture, sky_mask(picture))
 
 
-# --- the five templates -----------------------------------------------------------------------------------------
+# --- the six templates ------------------------------------------------------------------------------------------
 def thumb_instruct_edit(image: Image.Image, edited: Image.Image | None, model_note: str | None) -> Image.Image:
     instruction = instruction_of(template("instruct_edit"))
     panel, label = edit_panel(image, edited, winter)
@@ -360,6 +369,14 @@ def thumb_instruct_edit_advanced(image: Image.Image, edited: Image.Image | None,
     panel, label = edit_panel(image, edited, sunset)
     return side_by_side(image, panel, instruction, "input", label,
                         [("FreeU \u2192 Dual CFG Sampler \u2192 upscale", TEXT),
+                         (model_note, MUTED) if model_note else ILLUSTRATED])
+
+
+def thumb_instruct_edit_sdxl(image: Image.Image, edited: Image.Image | None, model_note: str | None):
+    instruction = instruction_of(template("instruct_edit_sdxl"))
+    panel, label = edit_panel(image, edited, night)
+    return side_by_side(image, panel, instruction, "input", label,
+                        [("CosXL Edit (SDXL) at 1024 \u2192 Instruct Edit", TEXT),
                          (model_note, MUTED) if model_note else ILLUSTRATED])
 
 
@@ -420,10 +437,13 @@ THUMBNAILS = {
     "instruct_edit": thumb_instruct_edit,
     "instruct_edit_masked": thumb_instruct_edit_masked,
     "instruct_edit_advanced": thumb_instruct_edit_advanced,
+    "instruct_edit_sdxl": thumb_instruct_edit_sdxl,
     "build_dataset": thumb_build_dataset,
     "train": thumb_train,
 }
-RUN_FOR_REAL = ("instruct_edit", "instruct_edit_masked", "instruct_edit_advanced")
+# The templates run for real, by the model family their checkpoint must be (True: SDXL).
+RUN_FOR_REAL = {"instruct_edit": False, "instruct_edit_masked": False, "instruct_edit_advanced": False,
+                "instruct_edit_sdxl": True}
 
 
 # --- the real edit ---------------------------------------------------------------------------------------------
@@ -452,6 +472,23 @@ def save_jpeg(image: Image.Image, path: Path) -> int:
     return path.stat().st_size
 
 
+def pick_checkpoints(given: str | None, base: Path | None) -> dict[bool, str]:
+    """The checkpoint each family's templates run with (True: SDXL): the one named, or the first real one found."""
+    folder = base / "models" / "checkpoints" if base else None
+    found = real_ip2p_checkpoints(folder) if folder and folder.is_dir() and not given else []
+    names = [given] if given else found
+    picked: dict[bool, str] = {}
+    for name in names:
+        picked.setdefault(bool(folder) and is_sdxl_checkpoint(folder / name), name)
+    return picked
+
+
+def model_note(checkpoint: str, base: Path | None) -> str:
+    if base and is_random_model(base / "models" / "checkpoints" / checkpoint):
+        return "the pack's RANDOM test model: noise, not an edit"
+    return f"{Path(checkpoint).stem}, seed 0"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="InstructPix2Pix checkpoint name in models/checkpoints to run the edit "
@@ -466,14 +503,10 @@ def main(argv: list[str] | None = None) -> int:
     comfyui = comfyui_folder(args.comfyui)
     base = args.base_dir or comfyui
     image = load_input(base or comfyui, input_image_name(template("instruct_edit")))
-    checkpoint = None if args.illustrate else args.checkpoint
-    if checkpoint is None and not args.illustrate and base and (base / "models" / "checkpoints").is_dir():
-        found = real_ip2p_checkpoints(base / "models" / "checkpoints")
-        checkpoint = found[0] if found else None
-    print(f"edit templates: {'run with ' + checkpoint if checkpoint else 'illustrated (no real checkpoint)'}")
-    model_note = f"{Path(checkpoint or '').stem}, seed 0"
-    if checkpoint and base and is_random_model(base / "models" / "checkpoints" / checkpoint):
-        model_note = "the pack's RANDOM test model: noise, not an edit"
+    checkpoints = {} if args.illustrate else pick_checkpoints(args.checkpoint, base)
+    for sdxl, family in ((False, "SD1.x"), (True, "SDXL")):
+        chosen = checkpoints.get(sdxl)
+        print(f"{family} edit templates: {'run with ' + chosen if chosen else 'illustrated (no real checkpoint)'}")
 
     args.out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -481,9 +514,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.only and name not in args.only:
                 continue
             edited = note = None
-            if checkpoint and name in RUN_FOR_REAL:
+            checkpoint = checkpoints.get(RUN_FOR_REAL[name]) if name in RUN_FOR_REAL else None
+            if checkpoint:
                 edited = real_edit(name, image, checkpoint, args.base_dir, Path(tmp))
-                note = model_note
+                note = model_note(checkpoint, base)
             size = save_jpeg(build(image, edited, note), args.out_dir / f"{name}.jpg")
             print(f"wrote {args.out_dir / f'{name}.jpg'} ({size // 1024} KB)")
     return 0

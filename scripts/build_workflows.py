@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 REAL_CHECKPOINT = "instruct-pix2pix-00-22000.safetensors"
+COSXL_CHECKPOINT = "cosxl_edit.safetensors"  # the public file's name (stabilityai/cosxl on the Hugging Face hub)
 HERE = Path(__file__).resolve().parent.parent / "example_workflows"
 
 EDIT_NOTE = (
@@ -30,7 +31,8 @@ def boot(base: Path) -> dict:
     from comfyui_ip2p.testing.comfy_server import link_pack
 
     (base / "models/checkpoints").mkdir(parents=True)
-    (base / "models/checkpoints" / REAL_CHECKPOINT).write_bytes(b"")
+    for name in (REAL_CHECKPOINT, COSXL_CHECKPOINT):  # empty placeholders: the loader's list must offer them
+        (base / "models/checkpoints" / name).write_bytes(b"")
     (base / "input").mkdir()
     (base / "input/example.png").write_bytes(b"")
     link_pack(base)
@@ -121,8 +123,47 @@ def masked_edit(info: dict) -> dict:
     return wf.build()
 
 
+# CosXL Edit as its ComfyUI example runs it (DualCFGGuider cfg 5 on the text, 1.5 on the image, Euler, normal
+# schedule, 20 steps); Stability's CosXL demo uses text guidance 7 with diffusers' image guidance 1.5.
+COSXL_TEXT_GUIDANCE, COSXL_IMAGE_GUIDANCE, COSXL_SAMPLER = 5.0, 1.5, "euler"
+
+SDXL_NOTE = (
+    "## CosXL Edit (SDXL InstructPix2Pix) at 1024\n"
+    f"Download `{COSXL_CHECKPOINT}` from the `stabilityai/cosxl` model page on the Hugging Face hub (gated: accept "
+    "the terms there first; non-commercial CosXL licence) and put it in `models/checkpoints`. An SDXL "
+    "InstructPix2Pix model saved by diffusers goes in `models/diffusers/<name>/` instead and is listed as "
+    "`diffusers/<name>`. Load your photo, write the instruction, queue.\n\n"
+    "- **resolution** -64 = the model's native size: 1024 for SDXL and CosXL Edit.\n"
+    f"- **text_guidance** {COSXL_TEXT_GUIDANCE:g}, **image_guidance** {COSXL_IMAGE_GUIDANCE:g}: the values of "
+    "ComfyUI's own CosXL Edit example (DualCFGGuider cfg 5, image cfg 1.5), lower than the paper's 7.5 for "
+    "SD1.5. Stability's CosXL demo uses 7: raise text_guidance towards it if the edit is too weak.\n"
+    f"- **sampler** {COSXL_SAMPLER}: the deterministic Euler of that example and of Stability's demo "
+    "(diffusers' EDM Euler scheduler); ancestral samplers work too.\n"
+    "- Unsure? Try the Guidance Grid node."
+)
+
+
+def sdxl_edit(info: dict) -> dict:
+    """The one-node edit for CosXL Edit (SDXL InstructPix2Pix) with the values its users run it at."""
+    from comfyui_ip2p.testing.workflow_builder import UIWorkflow
+
+    wf = UIWorkflow(info)
+    model = wf.add("LoadIP2PModel", checkpoint=COSXL_CHECKPOINT)
+    image = wf.add("LoadImage", image="example.png")
+    edit = wf.add("InstructEdit", instruction="make it night", image_guidance=COSXL_IMAGE_GUIDANCE,
+                  text_guidance=COSXL_TEXT_GUIDANCE, steps=20, seed=0, sampler_name=COSXL_SAMPLER,
+                  scheduler="normal", resolution=-64, keep_input_size=True, negative="", variations=1)
+    save = wf.add("SaveImage", filename_prefix="instruct_edit_sdxl")
+    for slot, name in enumerate(("model", "clip", "vae")):
+        wf.connect(model, slot, edit, name)
+    wf.connect(image, 0, edit, "image")
+    wf.connect(edit, 0, save, "images")
+    wf.note("How to use", SDXL_NOTE)
+    return wf.build()
+
+
 WORKFLOWS = {"instruct_edit.json": basic_edit, "instruct_edit_advanced.json": advanced_edit,
-             "instruct_edit_masked.json": masked_edit}
+             "instruct_edit_masked.json": masked_edit, "instruct_edit_sdxl.json": sdxl_edit}
 
 
 def main() -> None:

@@ -175,11 +175,23 @@ class StubSDXLClip:
         return {"g": [[(text, 1.0)]], "l": [[(text, 1.0)]]}
 
     def encode_from_tokens_scheduled(self, tokens: dict) -> list:
+        context, pooled = self.encode_from_tokens(tokens, return_pooled=True)
+        return [[context, {"pooled_output": pooled}]]
+
+    def encode_from_tokens(self, tokens: dict, return_pooled: bool = False):
         text = tokens["g"][0][0][0]
         gen = torch.Generator().manual_seed(sum(ord(c) * (i + 1) for i, c in enumerate(text)) % (2**31))
         context = torch.randn(1, 77, 2048, generator=gen)
         pooled = torch.randn(1, 1280, generator=gen)
-        return [[context, {"pooled_output": pooled}]]
+        return (context, pooled) if return_pooled else context
+
+    def load_model(self) -> None:
+        """No weights to load (ComfyUI's CLIP returns its ModelPatcher here)."""
+        return None
+
+    def get_sd(self) -> dict:
+        """No weights to save: a checkpoint trained with the stand-in has no text encoders."""
+        return {}
 
 
 # --- a ControlNet and a LoRA that fit a given SD1.5 layout -----------------------------------------------------

@@ -7,8 +7,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from .precision import PRECISIONS
+
 MODES = ("full", "lora")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PREDICTIONS = ("eps", "v")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 

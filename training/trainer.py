@@ -22,6 +22,7 @@ from .distributed import World
 from .dropout import apply_dropout, dropout_masks
 from .ema import EMA
 from .objective import NoiseSchedule
+from .precision import autocast_dtype as precision_dtype
 
 STATE_VERSION = 1
 
@@ -115,14 +116,10 @@ def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> tor
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """None = plain fp32. "auto" is bf16 on GPUs that have it, fp32 on CPUs."""
-    if precision == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return None
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 training needs a CUDA GPU; use precision fp32 or bf16 on this device")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    """None = plain fp32. "auto" is bf16 on GPUs and CPUs that compute it natively, else fp32."""
+    device = torch.device(device)
+    gpu_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return precision_dtype(precision, device.type, gpu_auto=torch.bfloat16 if gpu_bf16 else None)
 
 
 class Trainer:

@@ -199,3 +199,24 @@ def test_guider_makes_one_batched_model_call_per_step(chain, comfy_nodes, comfy_
     latent = {"samples": torch.zeros_like(encode_image(vae, pixels))}
     comfy_nodes["SamplerCustomAdvanced"].execute(noise, guider, sampler, sigmas, latent)
     assert calls == [3] * steps, f"expected {steps} calls of 3 rows, got {calls}"
+
+
+PRECISION = "IP2PComputePrecision"
+
+
+def test_compute_precision_acts_through_every_route_as_through_cores(chain, comfy_base, monkeypatch):
+    """The pack's precision patch is a MODEL wrapper: on a CPU without native bf16, auto leaves every route's
+    latent bit for bit as without the node; bf16 acts through core's graph and the pack's three routes alike."""
+    plain = unpatched(chain, comfy_base, 1.5)
+    monkeypatch.setenv("IP2P_CPU_BF16", "0")  # simulates the CPU check: no AMX / AVX512-BF16
+    auto = run_all_routes(chain, comfy_base, [(PRECISION, {"precision": "auto"})], 1.5)
+    for route in ("core", *OUR_ROUTES):
+        assert torch.equal(auto[route], plain[route]), route
+    bf16 = run_all_routes(chain, comfy_base, [(PRECISION, {"precision": "bf16"})], 1.5)
+    core_moved = relative(bf16["core"], plain["core"])
+    assert core_moved > CHANGED, "bf16 did not change core's graph: the case tests nothing"
+    for route in OUR_ROUTES:
+        # Each route batches the branches its own way, so each is its own sample of bf16 rounding: they cannot
+        # agree as in fp32, but each must move from its fp32 result by what core's moved (3 steps: ~3e-2).
+        moved = relative(bf16[route], plain[route])
+        assert core_moved / 3 < moved < 3 * core_moved, (route, moved, core_moved)

@@ -183,3 +183,88 @@ def test_native_resolution_is_1024_for_sdxl(sdxl):
     assert edit_resolution(model, NATIVE_RESOLUTION) == 1024
     assert edit_resolution(model, 768) == 768, "an explicit resolution is kept"
     assert edit_resolution(model, 0) == 0, "0 still means the input's own size"
+
+
+@pytest.fixture(scope="module")
+def sdxl_t2i_ckpt(comfy_base) -> str:
+    """A small SDXL-family text-to-image checkpoint (ComfyUI builds it as model_base.SDXL, KOALA-shaped)."""
+    from comfyui_ip2p.testing.tiny_models import write_sdxl_checkpoint
+
+    write_sdxl_checkpoint(comfy_base / "models/checkpoints/small_sdxl_t2i.safetensors", seed=6)
+    return "small_sdxl_t2i.safetensors"
+
+
+def sdxl_prediction(model, x, image_latent, seed=0):
+    """One prediction with SDXL's conditioning (context, pooled text and size), image latent in the concat."""
+    gen = torch.Generator().manual_seed(seed)
+    context, pooled = torch.randn(1, 77, 2048, generator=gen), torch.randn(1, 1280, generator=gen)
+    y = model.model.encode_adm(pooled_output=pooled, width=64, height=64)
+    kwargs = {} if image_latent is None else {"c_concat": image_latent}
+    with torch.no_grad():
+        return model.model.apply_model(x, torch.tensor([3.0]), c_crossattn=context, y=y, **kwargs)
+
+
+def test_convert_sdxl_family_model_and_load_it_back(comfy_nodes, comfy_base, sdxl_t2i_ckpt):
+    """ConvertToIP2P on an SDXL-family model gives ComfyUI's SDXL_instructpix2pix class, exact with a zero image
+    latent; saved as a checkpoint (a layout ComfyUI's matcher list does not name as IP2P), LoadIP2PModel loads
+    it back as SDXL_instructpix2pix with the same predictions."""
+    import comfy.model_base
+    import comfy.sd
+    from comfyui_ip2p.pipeline.loading import CONV_IN, load_ip2p
+
+    path = comfy_base / "models/checkpoints" / sdxl_t2i_ckpt
+    t2i = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=False)
+    assert isinstance(t2i[0].model, comfy.model_base.SDXL) and not isinstance(t2i[0].model, comfy.model_base.IP2P)
+    before = {k: v.clone() for k, v in t2i[0].model.diffusion_model.state_dict().items()}
+    converted = comfy_nodes["ConvertToIP2P"].execute(t2i[0]).result[0]
+    assert type(converted.model) is comfy.model_base.SDXL_instructpix2pix
+    assert converted.model.model_type == t2i[0].model.model_type
+    after = t2i[0].model.diffusion_model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the original model must be untouched"
+    weight = converted.model.diffusion_model.state_dict()[CONV_IN]
+    assert weight.shape[1] == 8 and torch.count_nonzero(weight[:, 4:]) == 0
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(sdxl_prediction(converted, x, torch.zeros_like(x)), sdxl_prediction(t2i[0], x, None),
+                               rtol=1e-5, atol=1e-5)
+
+    # Give the new channels weights, so loading back is checked on the image path too.
+    with torch.no_grad():
+        converted.model.diffusion_model.input_blocks[0][0].weight[:, 4:].normal_(0, 0.05)
+    saved = comfy_base / "models/checkpoints/small_sdxl_ip2p_converted.safetensors"
+    comfy.sd.save_checkpoint(str(saved), converted, vae=t2i[2])
+    loaded, _, vae = load_ip2p(saved.name)
+    assert type(loaded.model) is comfy.model_base.SDXL_instructpix2pix and vae is not None
+    image_latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(sdxl_prediction(loaded, x, image_latent), sdxl_prediction(converted, x, image_latent),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_guidance_grid_on_sdxl_equals_single_edits_with_size_conditioning(sdxl, comfy_nodes):
+    model, clip, vae, _ = sdxl
+    image = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(7))
+
+    def grid(image_values: str):
+        return comfy_nodes["IP2PGuidanceGrid"].execute(
+            model, clip, vae, image, "make it winter", image_values, "5.0", resolution=64, **SETTINGS).result[1]
+
+    def single(s_i: float):
+        return comfy_nodes["InstructEdit"].execute(
+            model, clip, vae, image, "make it winter", resolution=64, keep_input_size=False, image_guidance=s_i,
+            text_guidance=5.0, **SETTINGS).result[0]
+
+    seen, handle = unet_inputs(model)
+    try:
+        cells = grid("1.0, 1.5")
+    finally:
+        handle.remove()
+    pooled = clip.encode_from_tokens_scheduled(clip.tokenize(""))[0][1]["pooled_output"]
+    sized = model.model.encode_adm(pooled_output=pooled, width=64, height=64)[:, 1280:]
+    torch.testing.assert_close(seen[0]["y"][:, 1280:], sized.expand(seen[0]["y"].shape[0], -1).to(seen[0]["y"]))
+    assert cells.shape == (2, 64, 64, 3)
+    assert torch.equal(grid("1.5"), single(1.5)), "a one-cell grid is the single edit, bit for bit"
+    for row, s_i in enumerate((1.0, 1.5)):
+        # Two cells batch the UNet's products at another size (other kernel blocking): float32 rounding, which
+        # the random SDXL weights amplify to ~1e-4 relative here (SD1.5's tiny model: ~5e-6).
+        error = ((cells[row:row + 1] - single(s_i)).norm() / single(s_i).norm()).item()
+        assert error < 5e-4, (s_i, error)
+    assert (cells[0] - cells[1]).abs().max() > 1e-3, "different scales must give different edits"

@@ -146,9 +146,11 @@ def load_model(n: Names, checkpoint: str) -> dict:
     return {"4": {"class_type": "LoadIP2PModel", "inputs": {"checkpoint": checkpoint}}, "9": preview(["4", 0])}
 
 
-def convert(n: Names, model: str) -> dict:
-    return {"1": cached(model), "4": {"class_type": "ConvertToIP2P", "inputs": {"model": ["1", 0]}},
-            "9": preview(["4", 0])}
+def converted_edit(n: Names, model: str, clip: str) -> dict:
+    graph = edit(n, model=model, clip=clip)
+    graph["5"] = {"class_type": "ConvertToIP2P", "inputs": {"model": ["1", 0]}}
+    graph["4"]["inputs"]["model"] = ["5", 0]
+    return graph
 
 
 def train(n: Names, model: str | None = None, **overrides) -> dict:
@@ -344,9 +346,12 @@ CASES = [
       for kind in ("truncated", "header_only", "empty", "random_bytes")],
     Case("load-missing-file", lambda n: load_model(n, "no_such_model.safetensors"),
          Refused("LoadIP2PModel", ("not in models/checkpoints",))),
-    Case("convert-sdxl-koala", lambda n: convert(n, n.sdxl), Refused("ConvertToIP2P", ("no InstructPix2Pix variant",))),
+    # An SDXL distillation converts (SDXL_instructpix2pix); the edit then refuses the SD1.5 CLIP it is given.
+    Case("convert-sdxl-koala-edit-sd15-clip", lambda n: converted_edit(n, n.sdxl, clip=n.t2i),
+         Refused("InstructEdit", ("does not match the model", "768", "2048"))),
     # TrainIP2P
-    Case("train-sdxl", lambda n: train(n, model=n.sdxl), Refused("TrainIP2P", ("no SDXL", "SD1.5"))),
+    Case("train-sdxl-sd15-clip", lambda n: train(n, model=n.sdxl),
+         Refused("TrainIP2P", ("does not match the model", "768", "2048"))),
     Case("train-lr-nan", lambda n: train(n, learning_rate="nan"), Refused("TrainIP2P", ("learning_rate", "finite"))),
     Case("train-grad-norm-nan", lambda n: train(n, max_grad_norm="nan"),
          Refused("TrainIP2P", ("max_grad_norm", "finite"))),

@@ -27,7 +27,8 @@ from test_bad_inputs import cached, image, inspect, prepared, preview, rows
 
 OUR_NODES = {"LoadIP2PModel", "ConvertToIP2P", "InstructEdit", "DualCFGSampler", "IP2PGuider", "IP2PGuidanceGrid",
              "IP2PReferenceResize", "P2PPairGenerator", "GenerateEditInstructions", "CLIPDirectionFilter",
-             "CLIPEditMetrics", "SaveEditDataset", "LoadEditDataset", "TrainIP2P", "IP2PAutoGuidance"}
+             "CLIPEditMetrics", "SaveEditDataset", "LoadEditDataset", "TrainIP2P", "IP2PAutoGuidance",
+             "IP2PComputePrecision"}
 TAG = f"fz{uuid.uuid4().hex[:6]}"
 FUZZ = settings(deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
