@@ -69,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clip-pairs", type=int, default=64)
     parser.add_argument("--llm-captions", type=int, default=32)
     parser.add_argument("--llm-delay", type=float, default=0.1, help="seconds the fake server waits per request")
+    parser.add_argument("--precision", choices=("fp32", "auto", "bf16", "fp16"), default="fp32",
+                        help="compute precision of every P2P variant (the Compute Precision patch)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: steady on a shared machine; 0 keeps torch's choice)")
     parser.add_argument("--workdir", type=Path, default=None, help="ComfyUI base dir to use (default: a temp dir)")
@@ -223,8 +225,10 @@ P2P_VARIANTS = ("plain", "fused", "explicit", "shipped")
 
 
 def bench_p2p(args: argparse.Namespace, base: Path) -> list[dict[str, Any]]:
+    from comfyui_ip2p.pipeline.precision import with_precision
+
     model, clip, _vae = load_t2i(base, args.model)
-    pairs = PairSampler(model, clip, args.samples)
+    pairs = PairSampler(with_precision(model, args.precision), clip, args.samples)
     sizes = [int(s) for s in args.sizes.split(",")]
     results = []
     with torch.no_grad():

@@ -19,7 +19,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 carry=$repo/.runtime/gpu-carry
 workdir=${IP2P_BENCH_WORKDIR:-/tmp/ip2p-bench-gpu}
-BENCH_TIMEOUT=${IP2P_BENCH_TIMEOUT:-240}  # seconds for edit.py; all four lines together stay under 10 minutes
+BENCH_TIMEOUT=${IP2P_BENCH_TIMEOUT:-200}  # seconds for the main edit line; each line has its own cap (sum ~11 min, typical far less)
 
 log() { printf '[gpu.sh %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
 
@@ -93,7 +93,8 @@ pick_python() {
 
 collect() {
   [ -n "${OUT:-}" ] || return 0
-  cp bench/results/edit-full-512.json bench/results/edit-sdxl-full-1024.json "$OUT/" 2>/dev/null || true
+  cp bench/results/edit-full-512*.json bench/results/edit-sdxl-full-1024.json bench/results/dataset-cuda-full.json \
+      bench/results/train-*.json "$OUT/" 2>/dev/null || true
   tar -C "$workdir" -czf "$OUT/child-logs.tgz" $(cd "$workdir" 2>/dev/null && ls log-*.txt 2>/dev/null) \
       2>/dev/null || true
 }
@@ -103,7 +104,7 @@ sdxl_bench() {
   # weights (2.57B parameters, written once as a ~5 GB fp16 file in the workdir and loaded by ComfyUI's own
   # detection), our InstructEdit against diffusers' StableDiffusionXLInstructPix2PixPipeline on the same weights;
   # stub SDXL text embeddings and a TAESD VAE on both sides. Prints s/step for each and the ratio.
-  timeout "${IP2P_BENCH_SDXL_TIMEOUT:-170}" "$PY" bench/edit.py --family sdxl --device cuda --size full \
+  timeout "${IP2P_BENCH_SDXL_TIMEOUT:-150}" "$PY" bench/edit.py --family sdxl --device cuda --size full \
       --res 1024 --steps 30 --repeats 2 --workdir "$workdir" || log "edit.py --family sdxl exited with status $?"
 }
 
@@ -126,15 +127,27 @@ main() {
 
   # The guidance grid: 9 cells in one batched run vs nine single edits (batching should win clearly on a GPU),
   # and the full-resolution detail transfer's added time at 2048x1536.
-  timeout 100 "$PY" bench/edit.py --device cuda --size full --res 512 --steps 20 --grid --workdir "$workdir" \
+  timeout 60 "$PY" bench/edit.py --device cuda --size full --res 512 --steps 20 --grid --workdir "$workdir" \
       || log "edit.py --grid exited with status $?"
-  timeout 60 "$PY" bench/edit.py --device cuda --size full --res 512 --steps 20 --detail --workdir "$workdir" \
+  timeout 45 "$PY" bench/edit.py --device cuda --size full --res 512 --steps 20 --detail --workdir "$workdir" \
       || log "edit.py --detail exited with status $?"
 
-  sdxl_bench
+  # Precision: the 20-step edit under the Compute Precision patch, bf16 and fp16 autocast on top of ComfyUI's
+  # loaded dtype, each with the fp32-patch-free edit (a32) of the same seed for the error and PSNR line.
+  for precision in bf16 fp16; do
+    timeout 60 "$PY" bench/edit.py --device cuda --size full --res 512 --steps 20 --variants a,a32 \
+        --precision "$precision" --workdir "$workdir" --out "bench/results/edit-full-512-$precision.json" \
+        || log "edit.py --precision $precision exited with status $?"
+  done
 
-  # TRAINING BENCHMARK (another issue): its one line goes here, bounded by its own timeout like the line above,
-  # e.g.  timeout 120 "$PY" bench/train.py --device cuda --size full --res 256 --batch 16 --steps 20
+  # Dataset engine: P2P pairs at 512 px, 100 steps (pairs per minute), and training samples/s at 256 px.
+  timeout 60 "$PY" bench/dataset.py --device cuda --model full --sections p2p --sizes 512 --steps 100 \
+      --repeats 1 || log "dataset.py exited with status $?"
+  timeout 60 "$PY" bench/train.py --device cuda --size full --res 256 --batch 16 --steps 10 --warmup 2 \
+      --variants recipe,ours_cached --precision auto --workdir "$workdir/train" \
+      || log "train.py exited with status $?"
+
+  sdxl_bench
 }
 
 main "$@"

@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per child (0 = default)")
+    parser.add_argument("--precision", choices=("fp32", "auto", "bf16", "fp16"), default="fp32",
+                        help="TrainIP2P's precision for our variants (the recipe variants stay fp32)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--workdir", type=Path, default=None, help="keeps the random checkpoint between runs")
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default bench/results/...)")
@@ -112,7 +114,7 @@ def ours(args: argparse.Namespace, variant: Variant, model, clip, vae) -> tuple[
 
     config = TrainConfig(steps=10**9, batch_size=args.batch, resolution=args.res, learning_rate=LR,
                          max_grad_norm=CLIP_NORM, ema_decay=EMA_DECAY, cache_latents=variant.cached,
-                         gradient_checkpointing=variant.checkpointing)
+                         gradient_checkpointing=variant.checkpointing, precision=args.precision)
     with torch.inference_mode(False):
         session = Session(model, clip, vae, config)
         started = time.perf_counter()
@@ -217,7 +219,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         argv = [str(Path(__file__).resolve()), "--only", name, "--result", str(args.workdir / f"{name}.json"),
                 "--workdir", str(args.workdir), "--size", args.size, "--res", str(args.res), "--batch",
                 str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
-                "--threads", str(args.threads)]
+                "--threads", str(args.threads), "--precision", args.precision]
         started = time.perf_counter()
         results[name] = run_child(argv, args.workdir / f"{name}.log", args.workdir / f"{name}.json",
                                   args.child_timeout)

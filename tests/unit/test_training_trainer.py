@@ -27,7 +27,8 @@ from comfyui_ip2p.training.objective import NoiseSchedule
 from comfyui_ip2p.training.trainer import Hooks, TrainableModel, Trainer
 
 ROWS = invert_rows(12, size=16, seed=0)
-BASE = {"resolution": 16, "batch_size": 4, "steps": 6, "learning_rate": 1e-3, "ema_decay": 0.99}
+# fp32: these tests compare exact arithmetic (accumulation, resume, DDP); auto would be bf16 on AMX CPUs.
+BASE = {"resolution": 16, "batch_size": 4, "steps": 6, "learning_rate": 1e-3, "ema_decay": 0.99, "precision": "fp32"}
 
 
 @pytest.fixture(autouse=True)
