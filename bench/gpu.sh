@@ -4,6 +4,7 @@
 #   On a CUDA machine with this repository set up (or with the package registries reachable):
 #       bash bench/gpu.sh
 #       bash bench/gpu.sh sdxl      (only the SDXL-InstructPix2Pix line, when the device time is short)
+#       bash bench/gpu.sh compile   (only TorchCompileModel, eager vs inductor, ours and core's graph)
 #   For a CUDA machine without network access, first, on a set-up machine with the registries:
 #       bash bench/gpu.sh --prepare
 #     copies ComfyUI's code (no models) and the three wheels a bare CUDA image usually lacks (torchsde,
@@ -94,7 +95,7 @@ pick_python() {
 collect() {
   [ -n "${OUT:-}" ] || return 0
   cp bench/results/edit-full-512*.json bench/results/edit-sdxl-full-1024.json bench/results/dataset-cuda-full.json \
-      bench/results/train-*.json "$OUT/" 2>/dev/null || true
+      bench/results/train-*.json bench/results/compile-full-512.json "$OUT/" 2>/dev/null || true
   tar -C "$workdir" -czf "$OUT/child-logs.tgz" $(cd "$workdir" 2>/dev/null && ls log-*.txt 2>/dev/null) \
       2>/dev/null || true
 }
@@ -108,6 +109,14 @@ sdxl_bench() {
       --res 1024 --steps 30 --repeats 2 --workdir "$workdir" || log "edit.py --family sdxl exited with status $?"
 }
 
+compile_bench() {
+  # Core's TorchCompileModel (inductor) on the full SD1.5-IP2P layout at 512 px, 20 steps: ours and core's graph,
+  # each eager and compiled, compile time apart. Opt-in (`bash bench/gpu.sh compile`): it does not fit the
+  # default run's budget.
+  timeout "${IP2P_BENCH_COMPILE_TIMEOUT:-300}" "$PY" bench/compile.py --device cuda --size full --res 512 \
+      --steps 20 --repeats 2 --workdir "$workdir" || log "compile.py exited with status $?"
+}
+
 main() {
   if [ "${1:-}" = "--prepare" ]; then prepare; return; fi
   [ -n "${OUT:-}" ] && exec > >(tee -a "$OUT/gpu.log") 2>&1
@@ -118,6 +127,7 @@ main() {
   trap collect EXIT
   mkdir -p bench/results "$workdir"
   if [ "${1:-}" = "sdxl" ]; then sdxl_bench; return; fi
+  if [ "${1:-}" = "compile" ]; then compile_bench; return; fi
 
   # Edit latency, full SD1.5-IP2P shapes (random weights) at 512x512; 20 and 100 steps after one load per
   # variant. Paper anchor: ~9 s per 100-step edit on an A100; our target: < 1.5 s. The s_I = 1 variant runs
