@@ -44,7 +44,6 @@ import torch
 from common import CpuClock, call_node, fmt, format_table, median, ratio, timed
 from edit import (
     IMAGE_SCALE,
-    INSTRUCTION,
     REPO,
     SAMPLER,
     SCHEDULER,
@@ -53,6 +52,8 @@ from edit import (
     LoopProbe,
     boot_comfy,
     comfy_dtypes,
+    core_graph_edit,
+    instruct_edit,
     load_comfy_models,
     load_image,
     prepare,
@@ -98,39 +99,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # --- the two edits -------------------------------------------------------------------------------------------
 
-def ours(ctx: Context, clip, vae) -> Edit:
-    def edit(model, steps: int) -> torch.Tensor:
-        images, _ = call_node(
-            ctx.nodes["InstructEdit"], model=model, clip=clip, vae=vae, image=ctx.image, instruction=INSTRUCTION,
-            image_guidance=IMAGE_SCALE, text_guidance=TEXT_SCALE, steps=steps, seed=ctx.args.seed,
-            sampler_name=SAMPLER, scheduler=SCHEDULER, resolution=ctx.args.res, keep_input_size=False)
-        return images
-
-    return edit
-
-
-def core(ctx: Context, clip, vae) -> Edit:
-    """The baseline users wire today (bench/edit.py's variant b, whose function is local to its runner)."""
-    n = ctx.nodes
-
-    def edit(model, steps: int) -> torch.Tensor:
-        (positive,) = call_node(n["CLIPTextEncode"], clip=clip, text=INSTRUCTION)
-        (empty,) = call_node(n["CLIPTextEncode"], clip=clip, text="")
-        ip_positive, ip_negative, latent = call_node(
-            n["InstructPixToPixConditioning"], positive=positive, negative=empty, vae=vae, pixels=ctx.image)
-        (guider,) = call_node(n["DualCFGGuider"], model=model, cond1=ip_positive, cond2=ip_negative,
-                              negative=empty, cfg_conds=TEXT_SCALE, cfg_cond2_negative=IMAGE_SCALE, style="regular")
-        (sampler,) = call_node(n["KSamplerSelect"], sampler_name=SAMPLER)
-        (sigmas,) = call_node(n["BasicScheduler"], model=model, scheduler=SCHEDULER, steps=steps, denoise=1.0)
-        (noise,) = call_node(n["RandomNoise"], noise_seed=ctx.args.seed)
-        samples, _ = call_node(n["SamplerCustomAdvanced"], noise=noise, guider=guider, sampler=sampler,
-                               sigmas=sigmas, latent_image=latent)
-        (images,) = call_node(n["VAEDecode"], vae=vae, samples=samples)
-        return images
-
-    return edit
-
-
 # --- measuring -----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -160,7 +128,7 @@ def dynamo_counts() -> dict[str, int]:
 def make_variants(ctx: Context, model, clip, vae) -> list[Variant]:
     (compiled,) = call_node(ctx.nodes["TorchCompileModel"], model=model, backend=ctx.args.backend)
     variants = []
-    for name, edit in (("ours", ours(ctx, clip, vae)), ("core", core(ctx, clip, vae))):
+    for name, edit in (("ours", instruct_edit(ctx, clip, vae)), ("core", core_graph_edit(ctx, clip, vae))):
         for is_compiled, base in ((False, model), (True, compiled)):
             probe = LoopProbe(ctx.device)
             label = f"{name}+tc" if is_compiled else name

@@ -345,13 +345,9 @@ def measure_comfy(ctx: Context, run_edit: Callable[[Any, int], torch.Tensor], mo
     return series
 
 
-def run_instruct_edit(ctx: Context, name: str, image_scale: float) -> Series:
-    from comfyui_ip2p.pipeline.precision import with_precision
-
-    model, clip, vae = load_comfy_models(ctx)
+def instruct_edit(ctx: Context, clip, vae, image_scale: float = IMAGE_SCALE) -> Callable[[Any, int], torch.Tensor]:
+    """(MODEL, steps) -> images: the pack's InstructEdit node with this run's settings."""
     node = ctx.nodes["InstructEdit"]
-    if name != "a32":
-        model = with_precision(model, ctx.args.precision)
 
     def edit(patched_model, steps: int) -> torch.Tensor:
         images, _ = call_node(
@@ -360,12 +356,12 @@ def run_instruct_edit(ctx: Context, name: str, image_scale: float) -> Series:
             sampler_name=SAMPLER, scheduler=SCHEDULER, resolution=ctx.args.res, keep_input_size=False)
         return images
 
-    return with_dtypes(measure_comfy(ctx, edit, model, name), comfy_dtypes(model, clip, vae))
+    return edit
 
 
-def run_core_graph(ctx: Context) -> Series:
-    """The baseline users wire today (RUNTIME_NOTES: 'Wiring ComfyUI core nodes for IP2P by hand')."""
-    model, clip, vae = load_comfy_models(ctx)
+def core_graph_edit(ctx: Context, clip, vae) -> Callable[[Any, int], torch.Tensor]:
+    """(MODEL, steps) -> images: the baseline users wire today (RUNTIME_NOTES: 'Wiring ComfyUI core nodes for
+    IP2P by hand')."""
     n = ctx.nodes
 
     def edit(patched_model, steps: int) -> torch.Tensor:
@@ -386,6 +382,22 @@ def run_core_graph(ctx: Context) -> Series:
         (images,) = call_node(n["VAEDecode"], vae=vae, samples=samples)
         return images
 
+    return edit
+
+
+def run_instruct_edit(ctx: Context, name: str, image_scale: float) -> Series:
+    from comfyui_ip2p.pipeline.precision import with_precision
+
+    model, clip, vae = load_comfy_models(ctx)
+    if name != "a32":
+        model = with_precision(model, ctx.args.precision)
+    edit = instruct_edit(ctx, clip, vae, image_scale)
+    return with_dtypes(measure_comfy(ctx, edit, model, name), comfy_dtypes(model, clip, vae))
+
+
+def run_core_graph(ctx: Context) -> Series:
+    model, clip, vae = load_comfy_models(ctx)
+    edit = core_graph_edit(ctx, clip, vae)
     return with_dtypes(measure_comfy(ctx, edit, model, "b"), comfy_dtypes(model, clip, vae))
 
 
@@ -920,13 +932,30 @@ def parent(args: argparse.Namespace) -> int:
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    return measure_and_report(args, names, Reporting(run_all, report, save_json, "bench", "ip2p-bench-"))
+
+
+@dataclass(frozen=True)
+class Reporting:
+    """How one family's parent runs its children, tabulates and saves (bench/sdxl.py has its own)."""
+
+    run: Callable[[argparse.Namespace, list[str]], dict[str, Any]]
+    report: Callable[[argparse.Namespace, dict[str, Any], int], str]
+    save: Callable[[argparse.Namespace, dict[str, Any], dict[int, str]], Path]
+    tag: str
+    workdir_prefix: str
+
+
+def measure_and_report(args: argparse.Namespace, names: list[str], how: Reporting) -> int:
+    """Runs the variants in a work folder (a temporary one unless --workdir), prints a table per step count and
+    saves the JSON."""
     temporary = args.workdir is None
-    args.workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="ip2p-bench-"))).resolve()
+    args.workdir = (args.workdir or Path(tempfile.mkdtemp(prefix=how.workdir_prefix))).resolve()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = run_all(args, names)
-    tables = {steps: report(args, results, steps) for steps in args.steps}
+    results = how.run(args, names)
+    tables = {steps: how.report(args, results, steps) for steps in args.steps}
     print("\n\n".join(tables.values()))
-    print(f"[bench] JSON: {save_json(args, results, tables)}", file=sys.stderr)
+    print(f"[{how.tag}] JSON: {how.save(args, results, tables)}", file=sys.stderr)
     if temporary:  # a failed run keeps its workdir (and the children's logs) for a look
         shutil.rmtree(args.workdir, ignore_errors=True)
     return 0

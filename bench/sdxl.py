@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -289,17 +287,8 @@ def save_json(args: argparse.Namespace, results: dict[str, Any], tables: dict[in
 def parent(args: argparse.Namespace) -> int:
     if args.grid or args.detail:
         raise SystemExit("--grid and --detail measure the SD1.5 model; leave them off with --family sdxl")
-    names = variant_names(args)
-    temporary = args.workdir is None
-    args.workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="ip2p-bench-sdxl-"))).resolve()
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    results = run_children(args, names)
-    tables = {steps: report(args, results, steps) for steps in args.steps}
-    print("\n\n".join(tables.values()))
-    print(f"[bench sdxl] JSON: {save_json(args, results, tables)}", file=sys.stderr)
-    if temporary:  # a failed run keeps its workdir (and the children's logs) for a look
-        shutil.rmtree(args.workdir, ignore_errors=True)
-    return 0
+    how = sd15.Reporting(run_children, report, save_json, "bench sdxl", "ip2p-bench-sdxl-")
+    return sd15.measure_and_report(args, variant_names(args), how)
 
 
 def main(args: argparse.Namespace) -> int:
