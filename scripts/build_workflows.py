@@ -41,22 +41,27 @@ def boot(base: Path) -> dict:
     return object_info_in_process()
 
 
-def basic_edit(info: dict) -> dict:
+def one_node_edit(info: dict, checkpoint: str, prefix: str, note: str, **edit_values) -> dict:
+    """Load model + Load Image -> InstructEdit -> Save Image, with a note: the shape of both one-node templates."""
     from comfyui_ip2p.testing.workflow_builder import UIWorkflow
 
     wf = UIWorkflow(info)
-    model = wf.add("LoadIP2PModel", checkpoint=REAL_CHECKPOINT)
+    model = wf.add("LoadIP2PModel", checkpoint=checkpoint)
     image = wf.add("LoadImage", image="example.png")
-    edit = wf.add("InstructEdit", instruction="make it winter", image_guidance=1.5, text_guidance=7.5, steps=20,
-                  seed=0, sampler_name="euler_ancestral", scheduler="normal",
-                  keep_input_size=True, negative="", variations=1)
-    save = wf.add("SaveImage", filename_prefix="instruct_edit")
+    edit = wf.add("InstructEdit", **edit_values)
+    save = wf.add("SaveImage", filename_prefix=prefix)
     for slot, name in enumerate(("model", "clip", "vae")):
         wf.connect(model, slot, edit, name)
     wf.connect(image, 0, edit, "image")
     wf.connect(edit, 0, save, "images")
-    wf.note("How to use", EDIT_NOTE)
+    wf.note("How to use", note)
     return wf.build()
+
+
+def basic_edit(info: dict) -> dict:
+    return one_node_edit(info, REAL_CHECKPOINT, "instruct_edit", EDIT_NOTE, instruction="make it winter",
+                         image_guidance=1.5, text_guidance=7.5, steps=20, seed=0, sampler_name="euler_ancestral",
+                         scheduler="normal", keep_input_size=True, negative="", variations=1)
 
 
 def advanced_edit(info: dict) -> dict:
@@ -145,21 +150,10 @@ SDXL_NOTE = (
 
 def sdxl_edit(info: dict) -> dict:
     """The one-node edit for CosXL Edit (SDXL InstructPix2Pix) with the values its users run it at."""
-    from comfyui_ip2p.testing.workflow_builder import UIWorkflow
-
-    wf = UIWorkflow(info)
-    model = wf.add("LoadIP2PModel", checkpoint=COSXL_CHECKPOINT)
-    image = wf.add("LoadImage", image="example.png")
-    edit = wf.add("InstructEdit", instruction="make it night", image_guidance=COSXL_IMAGE_GUIDANCE,
-                  text_guidance=COSXL_TEXT_GUIDANCE, steps=20, seed=0, sampler_name=COSXL_SAMPLER,
-                  scheduler="normal", resolution=-64, keep_input_size=True, negative="", variations=1)
-    save = wf.add("SaveImage", filename_prefix="instruct_edit_sdxl")
-    for slot, name in enumerate(("model", "clip", "vae")):
-        wf.connect(model, slot, edit, name)
-    wf.connect(image, 0, edit, "image")
-    wf.connect(edit, 0, save, "images")
-    wf.note("How to use", SDXL_NOTE)
-    return wf.build()
+    return one_node_edit(info, COSXL_CHECKPOINT, "instruct_edit_sdxl", SDXL_NOTE, instruction="make it night",
+                         image_guidance=COSXL_IMAGE_GUIDANCE, text_guidance=COSXL_TEXT_GUIDANCE, steps=20, seed=0,
+                         sampler_name=COSXL_SAMPLER, scheduler="normal", resolution=-64, keep_input_size=True,
+                         negative="", variations=1)
 
 
 WORKFLOWS = {"instruct_edit.json": basic_edit, "instruct_edit_advanced.json": advanced_edit,
