@@ -24,7 +24,6 @@ def autocast_wrapper(precision: str) -> Callable:
         with torch.autocast(x.device.type, dtype=dtype):
             return executor(x, *args, **kwargs)
 
-    run.precision = precision
     return run
 
 
@@ -38,9 +37,3 @@ def with_precision(model, precision: str):
     if precision != "fp32":
         patched.add_wrapper_with_key(APPLY_MODEL, WRAPPER_KEY, autocast_wrapper(precision))
     return patched
-
-
-def chosen_precision(model) -> str:
-    """What with_precision set on `model` ("fp32" when nothing did), for logs and tests."""
-    wrappers = model.wrappers.get(APPLY_MODEL, {}).get(WRAPPER_KEY, [])
-    return getattr(wrappers[-1], "precision", "fp32") if wrappers else "fp32"
