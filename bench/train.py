@@ -4,6 +4,7 @@ examples/instruct_pix2pix/train_instruct_pix2pix.py, on the same model, batch an
     .runtime/venv/bin/python bench/train.py --size tiny --res 128 --batch 4 --steps 6
     .runtime/venv/bin/python bench/train.py --size full --res 256 --batch 1 --steps 2 --warmup 1
     .runtime/venv/bin/python bench/train.py --device cuda --size full --res 256 --batch 8 --steps 20
+    .runtime/venv/bin/python bench/train.py --rows 2000 --size tiny --res 64 --batch 4 --steps 20
 
 Variants (each in its own interpreter; all hold the same loaded ComfyUI checkpoint, the same frozen CLIP and
 VAE, and train on the same synthetic pairs with AdamW lr 1e-4, clipping 1.0, EMA, the paper's dropout):
@@ -15,6 +16,13 @@ VAE, and train on the same synthetic pairs with AdamW lr 1e-4, clipping 1.0, EMA
   ours_uncached    training.Trainer encoding every sample every step (pixel augmentation, as the recipe)
   ours_cached      training.Trainer from latents and text embeddings encoded once (cache time reported apart)
   ours_*_gc        the same with gradient checkpointing
+
+With --rows N the bench compares training that streams with the in-memory path instead (variants memory_cache,
+disk_cache) on a hub-style parquet dataset of N rows (eight instructions), written once per workdir:
+  memory_cache     today's in-memory path: every row read into a list, the latent cache in memory
+  disk_cache       streaming: the rows read lazily (dataset.source), the latent cache in memory-mapped chunk
+                   files on disk (training.latent_cache), encoded afresh in the run
+Memory is then the peak RSS of the whole child (the cache build included); ratios are disk_cache / memory_cache.
 
 Memory is the peak RSS (and CUDA peak) during the timed steps, after a reset that follows the set-up and
 warm-up, so it covers what a training step keeps resident. Ratios compare with the recipe at the same
@@ -48,6 +56,7 @@ class Variant:
     recipe: bool
     cached: bool
     checkpointing: bool
+    store: str = ""  # --rows comparisons: where the latent cache lives ("memory" or "disk")
 
 
 VARIANTS = {
@@ -57,7 +66,10 @@ VARIANTS = {
     "ours_cached": Variant("ours, latent cache", False, True, False),
     "ours_uncached_gc": Variant("ours, encode every step + grad ckpt", False, False, True),
     "ours_cached_gc": Variant("ours, latent cache + grad ckpt", False, True, True),
+    "memory_cache": Variant("rows in a list, latent cache in memory", False, True, False, "memory"),
+    "disk_cache": Variant("lazy rows, latent cache on disk", False, True, False, "disk"),
 }
+STREAMING = ("memory_cache", "disk_cache")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,13 +84,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads per child (0 = default)")
     parser.add_argument("--precision", choices=("fp32", "auto", "bf16", "fp16"), default="fp32",
                         help="TrainIP2P's precision for our variants (the recipe variants stay fp32)")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--rows", type=int, default=0,
+                        help="compare streaming from disk with the in-memory path on a dataset of this many rows")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated (default: all but the streaming ones; with --rows: the streaming ones)")
     parser.add_argument("--workdir", type=Path, default=None, help="keeps the random checkpoint between runs")
     parser.add_argument("--out", type=Path, default=None, help="JSON results (default bench/results/...)")
     parser.add_argument("--child-timeout", type=float, default=3600.0)
     parser.add_argument("--only", choices=tuple(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.variants is None:
+        args.variants = ",".join(STREAMING if args.rows else [v for v in VARIANTS if v not in STREAMING])
+    return args
 
 
 # --- child ----------------------------------------------------------------------------------------------------
@@ -105,6 +123,45 @@ def rows_for(args: argparse.Namespace):
     return invert_rows(max(16, 2 * args.batch), size=args.res, seed=0)
 
 
+def streaming_dataset(args: argparse.Namespace) -> Path:
+    """A diffusers-layout parquet dataset of args.rows rows (4 shards) over 32 distinct pairs at the bench
+    resolution and eight instructions; written once per workdir."""
+    import io
+
+    from comfyui_ip2p.dataset.records import EditRow
+    from comfyui_ip2p.testing.public_layouts import write_layout
+    from comfyui_ip2p.testing.synthetic import invert_rows
+
+    folder = args.workdir / f"rows-{args.rows}-{args.res}"
+    if (folder / "data").is_dir():
+        return folder
+
+    def png(image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    pairs = [(png(r.input_image), png(r.edited_image)) for r in invert_rows(32, size=args.res, seed=0)]
+    # Eight instructions: the text encoder (a full-size CLIP even in the tiny model) takes ~0.25 s per distinct
+    # text on a CPU, and a chunk encodes each of its distinct instructions once.
+    rows = [EditRow("shapes", f"invert the colours, take {i % 8}", "inverted shapes", *pairs[i % 32], seed=i)
+            for i in range(args.rows)]
+    return write_layout("diffusers", folder, rows, shards=4)
+
+
+def streaming_batches(args: argparse.Namespace, variant: Variant, clip, vae):
+    from comfyui_ip2p.dataset.source import open_rows
+    from comfyui_ip2p.pipeline.trainee import encoders
+    from comfyui_ip2p.training.data import make_batches
+    from comfyui_ip2p.training.latent_cache import DiskChunks, MemoryChunks
+
+    source = open_rows(streaming_dataset(args))
+    if variant.store == "memory":
+        return make_batches(list(source), encoders(clip, vae), args.res, True, store=MemoryChunks())
+    folder = args.workdir / "latent_cache" / f"run-{os.getpid()}"  # encoded afresh: the build is measured
+    return make_batches(source, encoders(clip, vae), args.res, True, store=DiskChunks(folder))
+
+
 def ours(args: argparse.Namespace, variant: Variant, model, clip, vae) -> tuple[Callable[[], float], dict]:
     from comfyui_ip2p.pipeline.train import Session
     from comfyui_ip2p.pipeline.trainee import encoders
@@ -118,7 +175,10 @@ def ours(args: argparse.Namespace, variant: Variant, model, clip, vae) -> tuple[
     with torch.inference_mode(False):
         session = Session(model, clip, vae, config)
         started = time.perf_counter()
-        batches = make_batches(rows_for(args), encoders(clip, vae), args.res, variant.cached)
+        if variant.store:
+            batches = streaming_batches(args, variant, clip, vae)
+        else:
+            batches = make_batches(rows_for(args), encoders(clip, vae), args.res, variant.cached)
         cache_seconds = time.perf_counter() - started
         trainer = Trainer(session.config, session.trainable, batches, session.device,
                           latent_channels=session.latent_channels)
@@ -194,7 +254,8 @@ def child(args: argparse.Namespace) -> None:
         for _ in range(args.warmup):
             step()
         device = "cuda" if args.device == "cuda" else "cpu"
-        resettable = reset_peaks(device)
+        # Streaming comparisons keep the whole run's peak (the cache build is where memory would grow).
+        resettable = reset_peaks(device) if not variant.store else False
         times, cpu_times, losses = [], [], []
         for _ in range(args.steps):
             synchronize(device)
@@ -219,7 +280,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         argv = [str(Path(__file__).resolve()), "--only", name, "--result", str(args.workdir / f"{name}.json"),
                 "--workdir", str(args.workdir), "--size", args.size, "--res", str(args.res), "--batch",
                 str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
-                "--threads", str(args.threads), "--precision", args.precision]
+                "--threads", str(args.threads), "--precision", args.precision, "--rows", str(args.rows)]
         started = time.perf_counter()
         results[name] = run_child(argv, args.workdir / f"{name}.log", args.workdir / f"{name}.json",
                                   args.child_timeout)
@@ -254,6 +315,28 @@ def table(args: argparse.Namespace, results: dict[str, Any]) -> str:
     return format_table(headers, rows)
 
 
+def streaming_table(args: argparse.Namespace, results: dict[str, Any]) -> str:
+    """Streaming from disk against the in-memory path: samples/s and the whole run's peak RSS, as ratios."""
+    anchor = results.get("memory_cache")
+
+    def versus(value: float, reference: float | None) -> str:
+        return fmt(value / reference, ".2f") if reference else "-"
+
+    rows = []
+    for name, result in results.items():
+        speed, rss = result["samples_per_second"], result["memory"]["rss_peak_mb"]
+        row = [name, VARIANTS[name].label, fmt(speed), versus(speed, anchor and anchor["samples_per_second"]),
+               fmt(rss, ".0f"), versus(rss, anchor and anchor["memory"]["rss_peak_mb"]),
+               fmt(result.get("cache_seconds"), ".2f")]
+        if args.device == "cuda":
+            row.insert(6, fmt(result["memory"]["cuda_peak_mb"], ".0f"))
+        rows.append(row)
+    headers = ["variant", "what", "samples/s", "x memory", "peak RSS MB", "x memory", "cache s"]
+    if args.device == "cuda":
+        headers.insert(6, "peak CUDA MB")
+    return format_table(headers, rows)
+
+
 def main() -> None:
     args = parse_args()
     if args.only:
@@ -265,12 +348,16 @@ def main() -> None:
         args.workdir = Path(scratch.name)
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    if args.rows:
+        streaming_dataset(args)  # once, before the children time anything
     results = run_all(args)
-    text = table(args, results)
+    text = streaming_table(args, results) if args.rows else table(args, results)
     print(f"\nInstructPix2Pix training, {args.size} model, {args.res} px, batch {args.batch}, {args.device}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up\n")
+          f"{args.steps} timed steps after {args.warmup} warm-up" + (f", {args.rows} rows" if args.rows else "")
+          + "\n")
     print(text)
-    out = args.out or REPO / "bench" / "results" / f"train-{args.device}-{args.size}-{args.res}.json"
+    suffix = f"-rows{args.rows}" if args.rows else ""
+    out = args.out or REPO / "bench" / "results" / f"train-{args.device}-{args.size}-{args.res}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"when": datetime.now(UTC).isoformat(), "args": {k: str(v) for k, v in vars(args).items()},
               "results": results, "table": text}

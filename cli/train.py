@@ -24,12 +24,15 @@ import sys
 import tempfile
 from pathlib import Path
 
-from ..training.config import TrainConfig
+from ..dataset.formats import READ_FORMATS
+from ..dataset.layouts import parse_mapping
+from ..training.config import CACHE_LOCATIONS, TrainConfig
 from ..training.distributed import World, close_world, init_world, launched_world, pick_device
 from . import runtime
 
 # Set from the model, or meaningless on the command line.
 _NOT_OPTIONS = {"prediction"}
+_CHOICES = {"cache_location": CACHE_LOCATIONS}
 
 
 def config_options(parser: argparse.ArgumentParser) -> None:
@@ -43,15 +46,22 @@ def config_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
         else:
             kind = {"int": int, "float": float, "str": str}[str(field.type)]
-            group.add_argument(flag, type=kind, default=field.default, metavar=field.name.upper())
+            group.add_argument(flag, type=kind, default=field.default, metavar=field.name.upper(),
+                               choices=_CHOICES.get(field.name))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="comfyui-ip2p-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="single-file SD1.x checkpoint (.safetensors or .ckpt)")
-    parser.add_argument("--dataset", required=True, help="dataset folder or parquet file (any readable format)")
-    parser.add_argument("--dataset-format", default="auto", choices=["auto", "reference", "diffusers", "public"])
+    parser.add_argument("--dataset", required=True,
+                        help="dataset folder, parquet file or folder of hub parquet shards (any readable format); "
+                             "rows and images are read as training needs them")
+    parser.add_argument("--dataset-format", default="auto", choices=["auto", *READ_FORMATS],
+                        help="skip detection (default: recognised by its files and columns)")
+    parser.add_argument("--column-mapping", default="", metavar="TEXT",
+                        help="read any parquet through these columns, e.g. 'input_image=source_img, "
+                             "edited_image=target_img, instruction=instruction, mask=mask_img'")
     parser.add_argument("--output-dir", required=True, type=Path)
     parser.add_argument("--name", default="ip2p_finetune", help="file name of the result (no extension)")
     parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
@@ -99,16 +109,23 @@ def train(args: argparse.Namespace, config: TrainConfig, world: World) -> int:
 
     if not Path(args.model).is_file():
         raise SystemExit(f"--model {args.model}: no such file")
+    try:
+        mapping = parse_mapping(args.column_mapping) if args.column_mapping.strip() else None
+    except ValueError as error:
+        raise SystemExit(f"--column-mapping: {error}") from None
     loaded = comfy.sd.load_checkpoint_guess_config(str(args.model), output_vae=True, output_clip=True)
     model, clip, vae = loaded[:3]
     files = RunFiles(model=args.output_dir / f"{args.name}.safetensors", run_dir=args.output_dir / args.name)
-    dataset = {"path": str(args.dataset), "format": None if args.dataset_format == "auto" else args.dataset_format}
+    dataset = {"path": str(args.dataset), "format": None if args.dataset_format == "auto" else args.dataset_format,
+               "mapping": mapping}
     emit(world, "start", processes=world.size, samples_per_step=config.batch_size * config.grad_accumulation
          * world.size, steps=config.steps)
     try:
         outcome = run_training(
             model, clip, vae, dataset, config, files, resume=args.resume, world=world,
-            on_step=lambda trainer, loss: emit(world, "step", True, step=trainer.step, loss=loss),
+            # "rows": the dataset rows this process trained on in the step (each row once per epoch over all ranks)
+            on_step=lambda trainer, loss: emit(world, "step", True, step=trainer.step, loss=loss,
+                                               rows=trainer.step_rows),
             on_saved=lambda trainer: emit(world, "checkpoint", step=trainer.step, path=str(files.model)))
     finally:
         close_world(world)

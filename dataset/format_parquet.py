@@ -1,4 +1,4 @@
-"""Parquet datasets in the two column layouts Hugging Face users meet, read and written.
+"""Parquet datasets in the two writable column layouts, written; and the shard listing every parquet reader uses.
 
 - "diffusers": `input_image, edit_prompt, edited_image`, what diffusers' train_instruct_pix2pix.py reads by
   default (its column defaults are exactly these names);
@@ -15,8 +15,9 @@ manifest only records progress and the format. A dataset with no rows has no sha
 load a 0-row split in any form (an empty shard fails with 'Instruction "train" corresponds to no data!'), and
 "doesn't contain any data files" says what is wrong; the pack's readers load it as 0 rows.
 
-Every shard is opened through paths.open_dataset_file (inside the dataset, a regular file, never blocking),
-and every image cell's header is checked against the pixel budget before anything decodes it.
+Reading, of these and of every other parquet layout (dataset/layouts.py), is dataset/source.py's: every shard
+is opened through paths.open_dataset_file (inside the dataset, a regular file, never blocking), and every image
+cell's header is checked against the pixel budget before anything decodes it.
 """
 
 from __future__ import annotations
@@ -25,21 +26,16 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
-from .paths import dataset_path, open_dataset_file, remove_temps, write_atomically
+from .layouts import DIFFUSERS, DIFFUSERS_COLUMNS, PUBLIC, PUBLIC_COLUMNS, Column, layout_of_columns
+from .paths import open_dataset_file, remove_temps, write_atomically
 from .records import IMAGE_FORMATS, EditRow, ImageSource, encode_image, encoded_format, open_header, raw_bytes
 from .writer import DatasetWriter, Key
-
-DIFFUSERS = "diffusers"
-PUBLIC = "public"
 
 DATA_DIR = "data"
 _SHARD = re.compile(r"^train-(\d{5,})\.parquet$")
@@ -52,51 +48,8 @@ _HF_FEATURES = {
     "float": {"dtype": "float64", "_type": "Value"},
 }
 
-
-@dataclass(frozen=True)
-class Column:
-    name: str
-    field: str  # EditRow attribute ("sample_id" is the row key's second half, not an attribute)
-    kind: str  # image | string | int | float
-
-
-_EXTRA_COLUMNS = (
-    Column("mask", "mask", "image"),
-    Column("group", "group", "string"),
-    Column("seed", "seed", "int"),
-    Column("sample_id", "sample_id", "int"),
-    Column("p", "p", "float"),
-    Column("cfg", "cfg", "float"),
-    Column("clip_sim_0", "clip_sim_0", "float"),
-    Column("clip_sim_1", "clip_sim_1", "float"),
-    Column("clip_sim_dir", "clip_sim_dir", "float"),
-    Column("clip_sim_image", "clip_sim_image", "float"),
-)
-
-# Main columns first and in the published order: scripts that fall back to column positions still work.
-LAYOUTS: dict[str, tuple[Column, ...]] = {
-    DIFFUSERS: (
-        Column("input_image", "input_image", "image"),
-        Column("edit_prompt", "instruction", "string"),
-        Column("edited_image", "edited_image", "image"),
-        Column("input_caption", "input_caption", "string"),
-        Column("output_caption", "output_caption", "string"),
-        *_EXTRA_COLUMNS,
-    ),
-    PUBLIC: (
-        Column("original_prompt", "input_caption", "string"),
-        Column("original_image", "input_image", "image"),
-        Column("edit_prompt", "instruction", "string"),
-        Column("edited_prompt", "output_caption", "string"),
-        Column("edited_image", "edited_image", "image"),
-        *_EXTRA_COLUMNS,
-    ),
-}
-# The columns that identify a layout when reading a file made elsewhere.
-_REQUIRED = {
-    PUBLIC: {"original_prompt", "original_image", "edit_prompt", "edited_prompt", "edited_image"},
-    DIFFUSERS: {"input_image", "edit_prompt", "edited_image"},
-}
+# The writable layouts (main columns first and in the published order, then ours: see dataset/layouts.py).
+LAYOUTS: dict[str, tuple[Column, ...]] = {DIFFUSERS: DIFFUSERS_COLUMNS, PUBLIC: PUBLIC_COLUMNS}
 
 
 def arrow_schema(layout: str) -> pa.Schema:
@@ -106,15 +59,22 @@ def arrow_schema(layout: str) -> pa.Schema:
     return pa.schema([pa.field(c.name, _ARROW_TYPES[c.kind]) for c in columns], metadata=metadata)
 
 
-def layout_of_columns(names: set[str]) -> str | None:
-    for layout in (PUBLIC, DIFFUSERS):
-        if _REQUIRED[layout] <= names:
-            return layout
-    return None
+# Hub shard names: `<split>-00000-of-00004[-<hash>].parquet` (datasets' push_to_hub) or `<split>-00000.parquet`
+# (ours). Splits held out for evaluation are never read as training rows when the folder has another split.
+_SPLIT_FILE = re.compile(r"^(?P<split>[A-Za-z0-9_.]+?)-\d{5}(?:-of-\d{5})?(?:-[0-9a-fA-F]+)?\.parquet$")
+HELD_OUT_SPLITS = frozenset({"test", "validation", "valid", "val", "dev", "eval", "evaluation"})
+TRAIN_SPLIT = "train"
 
 
 def parquet_files(path: Path) -> list[Path]:
-    """The parquet files of a dataset: the file itself, or every visible *.parquet below the folder."""
+    """The parquet files of a dataset, in name order: the file itself, or the visible *.parquet below the folder
+    that belong to the split to read.
+
+    Which split: a folder with `train-*` files (or a `train/` folder) reads those only; otherwise every split
+    but the held-out ones (test, validation, dev, ...: UltraEdit's FreeForm_* or RegionBase files, say); a
+    folder with one held-out split only reads it; several held-out splits and nothing else is refused (point
+    at the split's files instead). Files whose names carry no split are read with the chosen split.
+    """
     if path.is_file():
         return [path]
     files = []
@@ -122,7 +82,32 @@ def parquet_files(path: Path) -> list[Path]:
         parts = file.relative_to(path).parts
         if not any(part.startswith((".", "_")) for part in parts):
             files.append(file)
-    return files
+    by_split: dict[str | None, list[Path]] = {}
+    for file in files:
+        by_split.setdefault(split_of(file.relative_to(path)), []).append(file)
+    named = {split for split in by_split if split is not None}
+    if TRAIN_SPLIT in named:
+        chosen = {TRAIN_SPLIT}
+    elif named - HELD_OUT_SPLITS:
+        chosen = named - HELD_OUT_SPLITS
+    elif len(named) > 1:
+        raise ValueError(f"{path} holds only the held-out splits {', '.join(sorted(named))}; give the path of "
+                         "the one split to read (its file, or the folder holding only it)")
+    else:
+        chosen = named
+    return [file for file in files if split_of(file.relative_to(path)) in chosen | {None}]
+
+
+def split_of(relative: Path) -> str | None:
+    """The split a parquet file belongs to, by its name (`train-00000-of-00002.parquet`) or, failing that, by
+    a folder named like a split (`train/0000.parquet`); None when neither tells."""
+    match = _SPLIT_FILE.match(relative.name)
+    if match:
+        return match.group("split")
+    for part in relative.parts[:-1]:
+        if part == TRAIN_SPLIT or part in HELD_OUT_SPLITS:
+            return part
+    return None
 
 
 def _root_of(path: Path) -> Path:
@@ -136,67 +121,11 @@ def read_parquet_schema(file: Path, root: Path) -> pa.Schema:
 
 
 def detect_parquet_layout(path: Path) -> str | None:
+    """The known layout of the first parquet file of `path` (None: no parquet file, or no known columns)."""
     files = parquet_files(path)
     if not files:
         return None
     return layout_of_columns(set(read_parquet_schema(files[0], _root_of(path)).names))
-
-
-def iter_parquet_rows(path: Path, layout: str | None = None, batch_size: int = 16) -> Iterator[EditRow]:
-    """Rows of every parquet file of `path`, a few at a time; images are lazily opened PIL images whose size
-    was checked (header only) against the pixel budget."""
-    root = _root_of(path)
-    for file in parquet_files(path):
-        with open_dataset_file(file, root) as handle:
-            parquet = pq.ParquetFile(handle)
-            names = set(parquet.schema_arrow.names)
-            file_layout = layout or layout_of_columns(names)
-            if file_layout is None or not _REQUIRED[file_layout] <= names:
-                raise ValueError(
-                    f"{file} has columns {sorted(names)}; expected {sorted(_REQUIRED[DIFFUSERS])} (diffusers) "
-                    f"or {sorted(_REQUIRED[PUBLIC])} (public clip-filtered)"
-                )
-            columns = [column for column in LAYOUTS[file_layout] if column.name in names]
-            wanted = [column.name for column in columns]
-            shown = file.relative_to(root).as_posix() if file.is_relative_to(root) else file.name
-            index = 0
-            for batch in parquet.iter_batches(batch_size=batch_size, columns=wanted):
-                for record in batch.to_pylist():
-                    yield _row_from_record(record, columns, file.parent, root, f"row {index} of {shown}")
-                    index += 1
-
-
-def _row_from_record(record: dict[str, Any], columns: list[Column], base: Path, root: Path, where: str) -> EditRow:
-    values: dict[str, Any] = {}
-    for column in columns:
-        if column.field == "sample_id":
-            continue
-        value = record[column.name]
-        if column.kind == "image":
-            value = _decode_image(value, base, root, f"the {column.name} of {where} in the dataset {root}")
-        values[column.field] = value
-    # Hub datasets in the diffusers layout often carry only input_image, edit_prompt and edited_image.
-    for text_field in ("input_caption", "instruction", "output_caption"):
-        if values.get(text_field) is None:
-            values[text_field] = ""
-    return EditRow(**values)
-
-
-def _decode_image(value: Any, base: Path, root: Path, what: str) -> Image.Image | Path | None:
-    """A cell as a lazily opened image (size checked, pixels not decoded) or a path held to the dataset."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        data, path = value.get("bytes"), value.get("path")
-    elif isinstance(value, bytes):
-        data, path = value, None
-    else:
-        data, path = None, str(value)
-    if data is not None:
-        return open_header(data, what)
-    if path:
-        return dataset_path(base / path, root)
-    return None
 
 
 class ParquetWriter(DatasetWriter):

@@ -21,6 +21,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +69,42 @@ def is_reference_dataset(folder: Path) -> bool:
 def iter_reference_rows(folder: Path) -> Iterator[EditRow]:
     """Rows in seeds.json order; images come back as paths (nothing is decoded until asked)."""
     for name, seeds in reference_index(folder):
+        pair = ReferencePair.read(folder, name)
+        for seed in seeds:
+            yield pair.row(seed)
+
+
+@dataclass
+class ReferencePair:
+    """What one pair folder holds apart from its images: its prompt, metadata lines and file names. Reading
+    it costs two small files and a listing; rows of the folder are then made without touching the disk."""
+
+    folder: Path
+    pair_dir: Path
+    prompt: dict[str, Any]
+    metadata: dict[int, dict[str, Any]]
+    files: dict[str, bool]
+
+    @classmethod
+    def read(cls, folder: Path, name: str) -> ReferencePair:
         pair_dir = _pair_dir(folder, name)
         prompt = _read_prompt(pair_dir)
         if prompt is None:
             raise FileNotFoundError(f"{pair_dir / PROMPT_NAME} is missing; {SEEDS_NAME} lists {name!r}")
-        metadata = _metadata_by_seed(pair_dir)
-        files = _regular_files(pair_dir)
-        for seed in seeds:
-            yield _row(folder, pair_dir, prompt, seed, metadata.get(seed, {}), files)
+        return cls(folder, pair_dir, prompt, _metadata_by_seed(pair_dir), _regular_files(pair_dir))
+
+    def row(self, seed: int) -> EditRow:
+        return _row(self.folder, self.pair_dir, self.prompt, seed, self.metadata.get(seed, {}), self.files)
+
+
+def reference_scores(folder: Path, name: str) -> dict[int, dict[str, Any]]:
+    """The metadata.jsonl records of one pair folder by seed (no prompt, no images read)."""
+    return _metadata_by_seed(_pair_dir(folder, name))
+
+
+def score_of(record: dict[str, Any], field: str) -> float | None:
+    """A score field ("clip_sim_dir", "p", ...) of one metadata.jsonl record, under any of its names."""
+    return _first_number(record, _METADATA_KEYS[field])
 
 
 def reference_index(folder: Path) -> list[tuple[str, list[int]]]:

@@ -7,7 +7,7 @@ from comfy_api.v0_0_2 import io, ui
 
 from ..algorithms.seeds import REQUEST_SEED_MAX
 from ..dataset.clip_filter import ClipFilterConfig
-from ..dataset.formats import DIFFUSERS, FORMATS
+from ..dataset.formats import DIFFUSERS, FORMATS, READ_FORMATS
 from ..dataset.instruction_format import MODES
 from ..dataset.node_stats import STATS_KEY, clip_filter_stats, save_stats
 from ..pipeline import clip_filter as clip_work
@@ -244,7 +244,7 @@ class SaveEditDataset(io.ComfyNode):
     @named_errors("SaveEditDataset")
     def execute(cls, rows, dataset_name, format, image_format) -> io.NodeOutput:
         path, written, total = datasets.save_rows(rows, dataset_name, format, image_format)
-        handle = {"path": str(datasets.output_root() / path), "format": format}
+        handle = {"path": str(datasets.output_root() / path), "format": format, "mapping": None}
         text = f"{written} new rows, {total} in total, in output/{path} ({format})"
         if total == 0:
             text += datasets.EMPTY_DATASET_NOTE
@@ -261,29 +261,41 @@ class LoadEditDataset(io.ComfyNode):
             display_name="Load Edit Dataset (InstructPix2Pix)",
             category=CATEGORY,
             description=(
-                "Opens an instruction-editing dataset from ComfyUI's input or output folder, in any of the "
-                "formats this pack writes (also the paper's released data): a handle for training, the rows, "
-                "and previews of the first pairs."
+                "Opens an instruction-editing dataset from ComfyUI's input or output folder: the formats this "
+                "pack writes, the paper's released parquet, MagicBrush, HQ-Edit, UltraEdit, hub-style folders of "
+                "parquet shards, a plain folder of image pairs, and any parquet through a column mapping. Gives "
+                "a handle for training, the rows (read lazily: opening a huge dataset costs little memory) and "
+                "previews of the first pairs."
             ),
             inputs=[
                 io.Combo.Input("dataset", options=datasets.dataset_choices(),
-                               tooltip="Datasets found in the output and input folders (folders and .parquet "
-                                       "files)."),
-                io.Combo.Input("format", options=["auto", *FORMATS], default="auto",
-                               tooltip="auto detects the format from the files."),
+                               tooltip="Datasets found in the output and input folders (dataset folders, "
+                                       ".parquet files, folders of hub shards or of image pairs)."),
+                io.Combo.Input("format", options=["auto", *READ_FORMATS], default="auto",
+                               tooltip="auto detects the layout from the files and columns (mapped when a "
+                                       "column_mapping is given); or name it."),
                 io.Int.Input("max_rows", default=0, min=0, max=10_000_000,
-                             tooltip="Rows to read into the rows output; 0 reads all (training reads through "
-                                     "the dataset handle instead, without loading everything)."),
+                             tooltip="Rows in the rows output: the first max_rows, or all when 0. Rows are read "
+                                     "only when a node uses them, so even all rows of a huge dataset cost little "
+                                     "memory here."),
                 io.Int.Input("preview_count", default=4, min=0, max=64,
-                             tooltip="How many of the first pairs to return as preview images."),
+                             tooltip="How many of the first pairs to return as preview images (only these are "
+                                     "decoded)."),
                 io.String.Input("dataset_override", default="", optional=True,
                                 tooltip="Type a dataset instead of picking one: 'output/<name>', 'input/<name>' "
                                         "or a bare name (looked up in output, then input). Useful for a dataset "
                                         "saved after the list was made."),
+                io.String.Input("column_mapping", default="", optional=True,
+                                tooltip="For a parquet dataset whose columns are not a known layout: which column "
+                                        "holds what, e.g. input_image=source_img, edited_image=target_img, "
+                                        "instruction=instruction, mask=mask_img (input_image, edited_image and "
+                                        "instruction required; mask, input_caption, output_caption optional). "
+                                        "Empty: detect the layout."),
             ],
             outputs=[
-                EditDataset.Output(display_name="dataset", tooltip="{path, format} handle for training nodes."),
-                EditRows.Output(display_name="rows", tooltip="The rows read (up to max_rows)."),
+                EditDataset.Output(display_name="dataset", tooltip="{path, format, mapping} handle for training "
+                                                                   "and Dataset Info."),
+                EditRows.Output(display_name="rows", tooltip="The rows (up to max_rows), read when used."),
                 io.Image.Output(display_name="input_images", tooltip="Inputs of the first preview_count rows."),
                 io.Image.Output(display_name="edited_images", tooltip="Edits of the first preview_count rows."),
             ],
@@ -299,11 +311,12 @@ class LoadEditDataset(io.ComfyNode):
 
     @classmethod
     @named_errors("LoadEditDataset")
-    def execute(cls, dataset, format, max_rows, preview_count, dataset_override="") -> io.NodeOutput:
+    def execute(cls, dataset, format, max_rows, preview_count, dataset_override="",
+                column_mapping="") -> io.NodeOutput:
         path = datasets.resolve_dataset(dataset, dataset_override)
-        fmt, rows = datasets.load_dataset_rows(path, format, max_rows)
-        preview = rows[:preview_count]
-        return io.NodeOutput({"path": str(path), "format": fmt}, rows,
+        handle, rows = datasets.load_dataset_rows(path, format, max_rows, column_mapping)
+        preview = rows[:preview_count]  # reads only these rows
+        return io.NodeOutput(handle, rows,
                              datasets.load_preview([r.input_image for r in preview], preview_count),
                              datasets.load_preview([r.edited_image for r in preview], preview_count))
 

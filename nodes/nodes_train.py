@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.v0_0_2 import io, ui
 
 from ..pipeline.train import train_from_node
-from ..training.config import TrainConfig
+from ..training.config import CACHE_LOCATIONS, TrainConfig
 from .errors import named_errors
 from .types import EditDataset
 from .widgets import seed_input
@@ -56,8 +56,9 @@ class TrainIP2P(io.ComfyNode):
                                tooltip="EMA of the weights (paper 0.9999, with warm-up). The saved model holds the "
                                        "EMA weights. 0 turns EMA off (saves memory; for short runs)."),
                 io.Boolean.Input("cache_latents", default=True,
-                                 tooltip="Encode every image and instruction once, then train from memory "
-                                         "(much faster; augmentations applied to the latents)."),
+                                 tooltip="Encode every image and instruction once, then train from the cache "
+                                         "(much faster; augmentations applied to the latents). Where the cache "
+                                         "lives: cache_location."),
                 io.Boolean.Input("gradient_checkpointing", default=False,
                                  tooltip="Recompute activations in the backward pass: less memory, ~30% slower."),
                 io.Int.Input("lora_rank", default=16, min=1, max=512,
@@ -83,6 +84,18 @@ class TrainIP2P(io.ComfyNode):
                 io.Combo.Input("precision", options=["auto", "fp32", "bf16", "fp16"], default="auto",
                                optional=True,
                                tooltip="auto: bf16 autocast on GPUs that have it, fp32 on CPU."),
+                io.Combo.Input("cache_location", options=list(CACHE_LOCATIONS), default="auto", optional=True,
+                               tooltip="Where the latent cache lives. auto: in memory while it fits a quarter of "
+                                       "the free RAM, else on disk. disk: memory-mapped files under "
+                                       "output/ip2p_train/latent_cache/ (reused by later runs on the same dataset "
+                                       "and VAE, and after a crash). Same results either way."),
+                io.Boolean.Input("masked_loss", default=False, optional=True,
+                                 tooltip="Rows with a mask (MagicBrush, UltraEdit) weigh the loss by it: full "
+                                         "inside the edited region, outside_mask_weight elsewhere. Rows without "
+                                         "a mask train as usual."),
+                io.Float.Input("outside_mask_weight", default=0.1, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="With masked_loss: the loss weight outside the mask (0 ignores it; 1 is "
+                                       "the plain loss)."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The trained model (EMA weights), ready for "
@@ -102,7 +115,8 @@ class TrainIP2P(io.ComfyNode):
     def execute(cls, model, clip, vae, dataset, checkpoint_name, mode, steps, batch_size, grad_accumulation,
                 learning_rate, resolution, seed, ema_decay, cache_latents, gradient_checkpointing, lora_rank,
                 checkpoint_every, validation_every, resume, validation_count=4, validation_steps=20,
-                max_grad_norm=1.0, random_flip=True, precision="auto") -> io.NodeOutput:
+                max_grad_norm=1.0, random_flip=True, precision="auto", cache_location="auto", masked_loss=False,
+                outside_mask_weight=0.1) -> io.NodeOutput:
         config = TrainConfig(
             steps=steps, batch_size=batch_size, grad_accumulation=grad_accumulation, learning_rate=learning_rate,
             resolution=resolution, seed=seed, ema_decay=ema_decay, cache_latents=cache_latents,
@@ -110,7 +124,8 @@ class TrainIP2P(io.ComfyNode):
             lora_alpha=float(lora_rank), checkpoint_every=checkpoint_every,
             validation_every=validation_every or (steps if validation_count else 0),
             validation_count=validation_count, validation_steps=validation_steps, max_grad_norm=max_grad_norm,
-            random_flip=random_flip, precision=precision)
+            random_flip=random_flip, precision=precision, cache_location=cache_location, masked_loss=masked_loss,
+            outside_mask_weight=outside_mask_weight)
         outcome = train_from_node(model, clip, vae, dataset, config, checkpoint_name, resume,
                                   node_id=cls.hidden.unique_id if cls.hidden else None)
         return io.NodeOutput(outcome.model, outcome.loss_image, outcome.validation_image, outcome.model_path.name,

@@ -18,10 +18,12 @@ import torch
 from PIL import Image
 
 from ..dataset.format_reference import SEEDS_NAME
-from ..dataset.formats import FORMATS, detect_format, iter_rows, open_writer
+from ..dataset.formats import FORMATS, open_writer
+from ..dataset.layouts import parse_mapping
 from ..dataset.paths import file_stamp, resolve_inside
 from ..dataset.pixels import image_to_tensor
 from ..dataset.records import EditRow, open_image
+from ..dataset.source import RowSource, open_rows
 from ..dataset.writer import MANIFEST_NAMES, WriterBusyError, write_failure
 from .instructions import CACHE_DIR
 
@@ -89,8 +91,18 @@ def _looks_like_dataset(path: Path) -> bool:
     if any((path / name).is_file() for name in (*MANIFEST_NAMES, SEEDS_NAME)):
         return True
     # A bounded look: this runs for every entry of the output folder whenever the node list is built.
-    return any(p.suffix == ".parquet" for folder in (path, path / "data") if folder.is_dir()
-               for p in islice(folder.iterdir(), _PARQUET_SCAN_LIMIT))
+    names = [p.name.lower() for p in islice(path.iterdir(), _PARQUET_SCAN_LIMIT)]
+    if any(name.endswith(".parquet") for name in names) or _looks_like_pairs(names):
+        return True
+    data = path / "data"
+    return data.is_dir() and any(p.suffix == ".parquet" for p in islice(data.iterdir(), _PARQUET_SCAN_LIMIT))
+
+
+def _looks_like_pairs(names: list[str]) -> bool:
+    """A folder of `<name>_input.png` / `<name>_edited.png` pairs with a .csv or .jsonl of instructions (the
+    "pairs" layout), judged by the entries seen; a bigger folder missed here loads through dataset_override."""
+    index = any(name.endswith((".csv", ".jsonl")) and not name.startswith(".") for name in names)
+    return index and any(name.rpartition(".")[0].endswith("_input") for name in names)
 
 
 def dataset_choices() -> list[str]:
@@ -135,13 +147,26 @@ def resolve_dataset(choice: str, override: str) -> Path:
 def dataset_stamp(path: Path) -> tuple:
     """Changes whenever a writer adds rows (shards, pair folders, manifest), so ComfyUI reloads then."""
     candidates = [path, *(path / name for name in MANIFEST_NAMES), path / SEEDS_NAME, path / "data"]
+    if path.is_dir():  # a folder of pairs: its instructions file may be edited in place
+        candidates += sorted(p for p in islice(path.iterdir(), _PARQUET_SCAN_LIMIT)
+                             if p.suffix.lower() in (".csv", ".jsonl"))
     return tuple(file_stamp(p) for p in candidates)
 
 
-def load_dataset_rows(path: Path, fmt: str, max_rows: int) -> tuple[str, list[EditRow]]:
-    fmt = detect_format(path) if fmt == "auto" else fmt
-    rows = list(islice(iter_rows(path, fmt), max_rows or None))
-    return fmt, rows
+def open_dataset(path: Path, fmt: str, column_mapping: str) -> tuple[RowSource, dict[str, str] | None]:
+    """The dataset as a lazy row source (nothing is decoded, parquet is opened from its footers) and the parsed
+    column mapping (None when the text is empty)."""
+    mapping = parse_mapping(column_mapping) if (column_mapping or "").strip() else None
+    return open_rows(path, None if fmt == "auto" else fmt, mapping), mapping
+
+
+def load_dataset_rows(path: Path, fmt: str, max_rows: int,
+                      column_mapping: str = "") -> tuple[dict, Sequence[EditRow]]:
+    """The dataset handle ({path, format, mapping}) and its rows, lazily: the first `max_rows` (all when 0) as a
+    view that reads a row (its parquet row group, its pair folder) only when a node asks for it."""
+    source, mapping = open_dataset(path, fmt, column_mapping)
+    handle = {"path": str(path), "format": source.format, "mapping": mapping}
+    return handle, (source.head(max_rows) if max_rows else source)
 
 
 # LoadEditDataset's previews: at most this many pixels per output batch (16 MP = 192 MB as float32), and per

@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,17 +31,19 @@ import comfy.sd
 import comfy.utils
 import torch
 
-from ..dataset.formats import FORMATS
+from ..dataset.formats import READ_FORMATS
+from ..dataset.layouts import check_mapping
 from ..dataset.paths import resolve_inside
 from ..dataset.pixels import image_to_tensor
 from ..dataset.records import EditRow
 from ..training.config import TrainConfig
-from ..training.data import crop_flip, load_pair, make_batches, place, read_rows
+from ..training.data import PixelBatches, crop_flip, load_pair, make_batches, place, read_rows
 from ..training.distributed import World
 from ..training.files import save_bytes, save_file, save_safetensors, save_torch
 from ..training.identity import RunIdentity, check_resumable, claim_run, dataset_fingerprint, weights_fingerprint
+from ..training.latent_cache import DiskChunks, MemoryChunks, cache_key, choose_location, estimate_bytes
 from ..training.plots import loss_curve, validation_grid
-from ..training.trainer import Hooks, TrainableModel, Trainer
+from ..training.trainer import Hooks, TrainableModel, Trainer, check_state_version
 from .edit import SamplingSettings, decode, encode_text, sample, with_size
 from .guider import make_guider, matching_text
 from .lora import UNET_PREFIX, make_lora
@@ -69,6 +71,10 @@ class RunFiles:
     model: Path
     run_dir: Path
 
+    def __post_init__(self) -> None:
+        if self.run_dir.name == LATENT_CACHE_DIR:
+            raise ValueError(f"the name {LATENT_CACHE_DIR!r} is where latent caches are kept; choose another name")
+
     @property
     def state(self) -> Path:
         return self.run_dir / "state.pt"
@@ -84,6 +90,15 @@ class RunFiles:
     @property
     def identity(self) -> Path:
         return self.run_dir / "run.json"
+
+    @property
+    def cache_root(self) -> Path:
+        """On-disk latent caches, shared by every run beside this one (one folder per cache key): the node's
+        output/ip2p_train/latent_cache/, the command line's <output-dir>/latent_cache/."""
+        return self.run_dir.parent / LATENT_CACHE_DIR
+
+
+LATENT_CACHE_DIR = "latent_cache"
 
 
 def png_bytes(image) -> bytes:
@@ -115,9 +130,9 @@ def save_full_checkpoint(path: Path, model, clip, vae, metadata: dict[str, str],
 class Validator:
     """Edits the same first dataset rows with the current (EMA) weights through ComfyUI's sampler."""
 
-    def __init__(self, session: Session, rows: list[EditRow], count: int, steps: int) -> None:
+    def __init__(self, session: Session, rows: Sequence[EditRow], count: int, steps: int) -> None:
         self.session = session
-        self.rows = rows[:count]
+        self.rows = list(rows[:count])  # only the first rows are read
         size = session.config.resolution
         self.inputs, self.targets = [], []
         for row in self.rows:
@@ -285,6 +300,51 @@ def load_state(path: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def encoders_fingerprint(clip, vae) -> str:
+    """The VAE's and text encoder's weights (sampled, as weights_fingerprint does), and the patches on the text
+    encoder (a LoRA loaded onto the CLIP changes its embeddings, not its state dict): a disk cache is reused only
+    by the encoders that wrote it."""
+    tensors = {f"vae.{k}": v for k, v in vae.get_sd().items() if isinstance(v, torch.Tensor)}
+    tensors.update({f"clip.{k}": v for k, v in clip.get_sd().items() if isinstance(v, torch.Tensor)})
+    patcher = getattr(clip, "patcher", None)
+    patched = str(patcher.patches_uuid) if patcher is not None and patcher.patches else ""
+    return weights_fingerprint(tensors) + patched
+
+
+def latent_store(session: Session, clip, vae, rows: Sequence[EditRow], dataset_print: str, files: RunFiles,
+                 text_shape: tuple[int, ...]) -> MemoryChunks | DiskChunks:
+    """Where the latent cache lives: in memory, or (the setting, or "auto" beyond the memory budget) in
+    files.cache_root/<key>/, keyed by the dataset, the encoders, the resolution and the pooled text flag."""
+    config = session.config
+    estimated = estimate_bytes(len(rows), config.resolution, session.latent_channels, text_shape)
+    location = choose_location(config.cache_location, estimated)
+    log.info("latent cache: about %.2f GB, kept %s", estimated / 2**30,
+             "in memory" if location == "memory" else f"on disk in {files.cache_root}")
+    if location == "memory":
+        return MemoryChunks()
+    key = cache_key(dataset_print, encoders_fingerprint(clip, vae), config.resolution, session.pooled_text)
+    describe = {"dataset": str(getattr(rows, "path", "")), "rows": len(rows), "resolution": config.resolution,
+                "pooled_text": session.pooled_text}
+    return DiskChunks(files.cache_root / key, describe=describe)
+
+
+def training_batches(session: Session, clip, vae, rows: Sequence[EditRow], dataset_print: str, files: RunFiles,
+                     world: World, on_cache: Callable[[int, int], None] | None) -> PixelBatches:
+    config = session.config
+    codecs = encoders(clip, vae, session.pooled_text)
+    store = None
+    if config.cache_latents:
+        text_shape = tuple(codecs.encode_texts([""]).shape)
+        store = latent_store(session, clip, vae, rows, dataset_print, files, text_shape)
+    return make_batches(rows, codecs, config.resolution, config.cache_latents, config.random_crop,
+                        config.random_flip, progress=on_cache, store=store, world=world)
+
+
+def cache_location(batches: PixelBatches) -> str:
+    store = getattr(batches, "store", None)
+    return "none" if store is None else ("disk" if isinstance(store, DiskChunks) else "memory")
+
+
 def check_connected(model, clip) -> None:
     """What the node's inputs must be before any work: a trainable MODEL and, when connected, its own family's
     CLIP (an SD1.5 CLIP on an SDXL model would otherwise fail deep in the UNet)."""
@@ -312,17 +372,17 @@ def run_training(model, clip, vae, dataset: dict, config: TrainConfig, files: Ru
         # Inside: the probe's (meta) weights must not be inference tensors, which autograd refuses to save.
         check_memory(model, vae, config, comfy.model_management.get_torch_device())
         session = Session(model, clip, vae, config)
-        rows = read_rows(dataset["path"], dataset.get("format"))
+        rows = read_rows(dataset["path"], dataset.get("format"), dataset.get("mapping"))
+        dataset_print = dataset_fingerprint(dataset["path"], rows)
         # Of the model as connected (patches merged), before a resumed state replaces any weight.
         identity.fingerprint = {"model": weights_fingerprint(session.base.diffusion_model.state_dict()),
-                                "dataset": dataset_fingerprint(dataset["path"], rows)}
+                                "dataset": dataset_print}
         state = load_state(files.state) if resume else None
         if state is not None:
+            check_state_version(state)
             check_resumable(state, identity, files.state)
         started = time.perf_counter()
-        batches = make_batches(rows, encoders(clip, vae, session.pooled_text), session.config.resolution,
-                               session.config.cache_latents, session.config.random_crop,
-                               session.config.random_flip, progress=on_cache)
+        batches = training_batches(session, clip, vae, rows, dataset_print, files, world, on_cache)
         cache_seconds = time.perf_counter() - started
         if session.device.type == "cuda":
             # The source MODEL was loaded only to copy its patched weights: give its VRAM to training.
@@ -362,7 +422,7 @@ def run_training(model, clip, vae, dataset: dict, config: TrainConfig, files: Ru
     grid = validator.grid() if validator is not None else None
     stats = {"cache_seconds": cache_seconds, "train_seconds": trainer.seconds,
              "samples_per_second": trainer.samples_per_step * len(trainer.losses) / max(trainer.seconds, 1e-9),
-             "cached": session.config.cache_latents}
+             "cached": session.config.cache_latents, "cache_location": cache_location(batches)}
     if world.size > 1:
         # Reported by every rank of a data-parallel run, where it must be equal (the ranks never drift apart).
         stats["weights_fingerprint"] = weights_fingerprint(trainer.weights(ema=False))
@@ -397,7 +457,7 @@ def node_files(name: str, mode: str) -> RunFiles:
 
 
 DATASET_ROOTS = ("output", "input")
-DATASET_FORMATS = ("auto", *FORMATS)
+DATASET_FORMATS = ("auto", *READ_FORMATS)
 NOT_A_HANDLE = ("dataset must be a dataset handle from Load Edit Dataset (or Save Edit Dataset's dataset output); "
                 "connect one of them")
 # One text for every path outside, never the path or anything found there: a workflow must not learn from the
@@ -419,7 +479,9 @@ def confined_dataset(handle: object) -> dict:
     if not isinstance(fmt, str) or fmt not in DATASET_FORMATS:
         raise ValueError(f"the dataset handle's format {str(fmt)[:40]!r} is not one of {', '.join(DATASET_FORMATS)}; "
                          "connect Load Edit Dataset, which sets it")
-    return {"path": str(_inside_dataset_roots(handle["path"])), "format": fmt}
+    # A workflow can write any mapping too: re-checked (allowed fields, short plain column names).
+    mapping = None if handle.get("mapping") is None else check_mapping(handle["mapping"])
+    return {"path": str(_inside_dataset_roots(handle["path"])), "format": fmt, "mapping": mapping}
 
 
 def _inside_dataset_roots(path: str) -> Path:

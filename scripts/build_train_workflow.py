@@ -26,7 +26,8 @@ NOTE = (
     "text-to-image SD1.5 model instead (the paper's init), replace the loader with Load Checkpoint: TrainIP2P "
     "widens its first convolution itself.\n"
     f"2. Pick a dataset in Load Edit Dataset: `{DATASET}` is what the build_dataset workflow writes; any "
-    "folder or parquet in the formats this pack reads works (the paper's released data too).\n"
+    "folder or parquet in the formats this pack reads works (the paper's released data, MagicBrush, HQ-Edit, "
+    "UltraEdit, a folder of image pairs; other parquet through column_mapping).\n"
     "3. Queue. The LoRA goes to `models/loras/<checkpoint_name>.safetensors` (mode full writes a whole checkpoint "
     "to `models/checkpoints`), the loss curve and validation grid to `output/ip2p_train/<checkpoint_name>/`, "
     "and the trained model edits your image right away.\n\n"
@@ -41,7 +42,7 @@ def train(info: dict) -> dict:
     wf = UIWorkflow(info)
     model = wf.add("LoadIP2PModel", checkpoint=REAL_CHECKPOINT)
     dataset = wf.add("LoadEditDataset", dataset=DATASET, format="auto", max_rows=0, preview_count=4,
-                     dataset_override="")
+                     dataset_override="", column_mapping="")
     trainer = wf.add("TrainIP2P", checkpoint_name="ip2p_finetune", mode="lora", steps=500, batch_size=4,
                      grad_accumulation=1, learning_rate=1e-4, resolution=256, seed=0, ema_decay=0.999,
                      cache_latents=True, gradient_checkpointing=False, lora_rank=16, checkpoint_every=100,

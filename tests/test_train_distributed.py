@@ -1,5 +1,7 @@
-"""The training command line in real subprocesses: two gloo processes under torchrun against one process with
-the same global batch, and a run killed with SIGKILL after a checkpoint, resumed, against an uninterrupted one.
+"""The training command line in real subprocesses, on a hub-style folder of three parquet shards: two gloo
+processes under torchrun (DistributedDataParallel, latent cache on disk) against one process with the same global
+batch, and a run killed with SIGKILL after a mid-epoch checkpoint, resumed, against an uninterrupted one; both
+count the dataset rows each step trained ("rows" of the step events): every row once per epoch.
 
 Every run uses one CPU thread per process, so reductions happen in the same order and the single-process
 runs are bitwise reproducible.
@@ -25,17 +27,18 @@ from comfyui_ip2p.testing.synthetic import invert_rows
 pytestmark = pytest.mark.slow
 
 STEPS = 6
+ROWS = 10  # global batch 2: an epoch is 5 steps, so the checkpoint at step 3 is mid-epoch and step 6 starts epoch 2
 CLI = ["-m", "comfyui_ip2p.cli.train"]
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory, comfy_base, tiny_ip2p_ckpt) -> Iterator[dict[str, Path]]:
-    from comfyui_ip2p.testing.edit_rows import write_rows
+    from comfyui_ip2p.testing.public_layouts import write_layout
 
     root = tmp_path_factory.mktemp("train_cli")
-    write_rows(invert_rows(12, size=32, seed=0), root, "dataset", "reference")
-    yield {"checkpoint": comfy_base / "models" / "checkpoints" / tiny_ip2p_ckpt, "dataset": root / "dataset",
-           "root": root}
+    dataset = write_layout("diffusers", root / "dataset", invert_rows(ROWS, size=32, seed=0), shards=3)
+    assert len(list((dataset / "data").glob("train-0000?-of-00003.parquet"))) == 3
+    yield {"checkpoint": comfy_base / "models" / "checkpoints" / tiny_ip2p_ckpt, "dataset": dataset, "root": root}
     shutil.rmtree(root, ignore_errors=True)  # three runs of fp32 states and checkpoints: ~2 GB
 
 
@@ -56,6 +59,22 @@ def run_cli(argv: list[str], timeout: float = 600) -> list[dict]:
     return events(done.stdout)
 
 
+def step_rows(run: list[dict]) -> dict[int, list[int]]:
+    """step -> the dataset rows trained in it, over every rank."""
+    rows: dict[int, list[int]] = {}
+    for event in run:
+        if event["event"] == "step":
+            rows.setdefault(event["step"], []).extend(event["rows"])
+    return rows
+
+
+def assert_every_row_once_per_epoch(rows: dict[int, list[int]]) -> None:
+    assert sorted(rows) == list(range(1, STEPS + 1))
+    first_epoch = [r for step in range(1, 6) for r in rows[step]]
+    assert sorted(first_epoch) == list(range(ROWS)), first_epoch
+    assert len(set(rows[6])) == 2  # the second epoch starts with two distinct rows
+
+
 def final_state(inputs: dict[str, Path], out: str) -> dict:
     return torch.load(inputs["root"] / out / "run" / "state.pt", weights_only=True)
 
@@ -71,8 +90,14 @@ def test_two_gloo_processes_step_in_lockstep_and_equal_one_process(inputs, singl
     from comfyui_ip2p.testing.comfy_server import free_port
 
     argv = ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), *CLI, *cli_args(inputs, "ddp", batch_size=1)]
+            "--master_port", str(free_port()), *CLI, *cli_args(inputs, "ddp", batch_size=1),
+            "--cache-location", "disk"]
     run = run_cli(argv)
+    assert {e["rank"]: e["cache_location"] for e in run if e["event"] == "done"} == {0: "disk", 1: "disk"}
+    assert len(list((inputs["root"] / "ddp" / "latent_cache").glob("*/chunk-000000.pt"))) == 1
+    rows = step_rows(run)
+    assert_every_row_once_per_epoch(rows)
+    assert all(len(e["rows"]) == 1 for e in run if e["event"] == "step")  # each rank trains its own slice
     start = next(e for e in run if e["event"] == "start")
     assert start["processes"] == 2 and start["samples_per_step"] == 2
     steps = {rank: [e for e in run if e["event"] == "step" and e["rank"] == rank] for rank in (0, 1)}
@@ -82,6 +107,8 @@ def test_two_gloo_processes_step_in_lockstep_and_equal_one_process(inputs, singl
     assert done[0]["weights_fingerprint"] == done[1]["weights_fingerprint"], "ranks drifted apart"
 
     reference_run, reference = single
+    same = {step: sorted(trained) for step, trained in step_rows(reference_run).items()}
+    assert {step: sorted(trained) for step, trained in rows.items()} == same  # one process's global batches
     state = final_state(inputs, "ddp")
     reference_losses = [e["loss"] for e in reference_run if e["event"] == "step"]
     assert [e["loss"] for e in steps[0]] == pytest.approx(reference_losses, rel=1e-4)
@@ -91,15 +118,19 @@ def test_two_gloo_processes_step_in_lockstep_and_equal_one_process(inputs, singl
     worst = max((state["params"][k] - reference["params"][k]).abs().max().item() for k in reference["params"])
     mean = statistics.mean((state["params"][k] - reference["params"][k]).abs().mean().item()
                            for k in reference["params"])
+    print(f"DDP vs one process after {STEPS} steps: worst weight difference {worst:.3g}, mean {mean:.3g}")
     assert worst < 2e-5 and mean < 1e-8, (worst, mean)
 
 
 def test_sigkill_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(inputs, single):
     argv = [sys.executable, *CLI, *cli_args(inputs, "killed", batch_size=2, checkpoint_every=3)]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    before_kill: list[dict] = []
     try:
         for line in process.stdout:
-            if line.startswith("{") and json.loads(line)["event"] == "checkpoint":
+            if line.startswith("{"):
+                before_kill.append(json.loads(line))
+            if before_kill and before_kill[-1]["event"] == "checkpoint":
                 os.kill(process.pid, signal.SIGKILL)
                 break
     finally:
@@ -110,6 +141,10 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(inpu
 
     resumed = run_cli(argv[1:])
     assert [e["step"] for e in resumed if e["event"] == "step"] == [4, 5, 6]
+    # The killed run's rows up to its checkpoint and the resumed run's rows: every row of the epoch exactly once.
+    trained = {**step_rows(before_kill), **step_rows(resumed)}
+    assert_every_row_once_per_epoch(trained)
+    assert trained == step_rows(single[0])
     state, reference = final_state(inputs, "killed"), single[1]
     assert state["step"] == STEPS and state["losses"] == reference["losses"]
     for key in reference["params"]:

@@ -12,10 +12,14 @@ from .precision import PRECISIONS
 MODES = ("full", "lora")
 PREDICTIONS = ("eps", "v")
 SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
+# Where the latent cache lives: "memory", "disk" (memory-mapped chunk files), or "auto" (disk when the estimated
+# cache exceeds the memory budget of training/latent_cache.py). Not a resume setting: both give identical batches.
+CACHE_LOCATIONS = ("auto", "memory", "disk")
 
 # Settings that change what a resumed run would compute: a saved state with other values is refused.
 RESUME_KEYS = ("mode", "lora_rank", "lora_alpha", "resolution", "batch_size", "grad_accumulation", "seed",
-               "random_crop", "random_flip", "cache_latents", "dropout_prob", "prediction", "ema_decay")
+               "random_crop", "random_flip", "cache_latents", "dropout_prob", "prediction", "ema_decay",
+               "masked_loss", "outside_mask_weight")
 
 
 @dataclass
@@ -41,6 +45,11 @@ class TrainConfig:
     precision: str = "auto"
     gradient_checkpointing: bool = False
     cache_latents: bool = True
+    cache_location: str = "auto"
+    # Rows that carry a mask (MagicBrush, UltraEdit region edits) weigh the loss by it: inside the mask 1, outside
+    # outside_mask_weight (small but not zero: the unedited surroundings must still be reproduced). Off by default.
+    masked_loss: bool = False
+    outside_mask_weight: float = 0.1
     mode: str = "full"
     lora_rank: int = 16
     lora_alpha: float = 16.0
@@ -66,10 +75,12 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.dropout_prob <= 1.0 / 3.0:
             raise ValueError(f"dropout_prob must be in [0, 1/3] (three bands), got {self.dropout_prob}")
+        if not 0.0 <= self.outside_mask_weight <= 1.0:
+            raise ValueError(f"outside_mask_weight must be in [0, 1], got {self.outside_mask_weight}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         for name, allowed in (("mode", MODES), ("precision", PRECISIONS), ("prediction", PREDICTIONS),
-                              ("save_precision", SAVE_PRECISIONS)):
+                              ("save_precision", SAVE_PRECISIONS), ("cache_location", CACHE_LOCATIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 

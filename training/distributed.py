@@ -1,9 +1,11 @@
 """Data-parallel training over torch.distributed (torchrun or `accelerate launch` set the environment).
 
-Every process draws the same random numbers for the whole global batch and trains on its own slice of it;
-gradients are averaged across processes before clipping, so every process takes the same optimizer step and
-the run equals a single process with the same global batch (up to float summation order). Only rank 0
-writes files.
+Every process draws the same random numbers for the whole global batch and trains on its own slice of it (so
+across processes each row is trained once per epoch); the trainer wraps the trained weights in PyTorch's
+DistributedDataParallel (training/trainer.py `distributed`), which averages the gradients in buckets while the
+backward pass runs, before clipping, so every process takes the same optimizer step and the run equals a single
+process with the same global batch (up to float summation order). Only rank 0 writes files. FSDP / DeepSpeed
+are not wired (docs/distributed.md).
 
 Also the one place for what every command launched on several processes needs: the process's place (World,
 launched_world), its GPU (pick_device) and the process group (init_world, close_world), used by cli/train.py
@@ -20,8 +22,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-# Gradients are summed in buckets of this many elements, so a 1B-parameter model needs no second full copy.
-BUCKET_ELEMENTS = 32 * 2**20
 # How long a collective waits for the slowest process before it fails.
 GROUP_TIMEOUT = datetime.timedelta(minutes=30)
 
@@ -49,20 +49,6 @@ class World:
             dist.barrier()
 
     @torch.no_grad()
-    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        if not self.active:
-            return
-        grads = [p.grad for p in params if p.grad is not None]
-        for bucket in _buckets(grads):
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat)
-            flat /= self.size
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
-
-    @torch.no_grad()
     def average(self, value: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return value
@@ -71,26 +57,6 @@ class World:
         value = value.to("cuda") if dist.get_backend() == "nccl" else value.clone()
         dist.all_reduce(value)
         return (value / self.size).to(device)
-
-    @torch.no_grad()
-    def broadcast_parameters(self, params: list[torch.nn.Parameter]) -> None:
-        """Makes every process start from rank 0's weights, whatever each one loaded."""
-        if not self.active:
-            return
-        for p in params:
-            dist.broadcast(p.data, src=0)
-
-
-def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    buckets: list[list[torch.Tensor]] = []
-    size = 0
-    for t in tensors:
-        if not buckets or size + t.numel() > BUCKET_ELEMENTS or t.dtype != buckets[-1][0].dtype:
-            buckets.append([])
-            size = 0
-        buckets[-1].append(t)
-        size += t.numel()
-    return buckets
 
 
 def launched_world(env: Mapping[str, str] | None = None) -> World:

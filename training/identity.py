@@ -99,10 +99,15 @@ def weights_fingerprint(weights: Mapping[str, torch.Tensor]) -> str:
 
 
 def dataset_fingerprint(path: str | os.PathLike, rows: Sequence[EditRow]) -> str:
-    """Where the dataset is, how many rows it has and what its first rows say."""
+    """Where the dataset is, how many rows it has, what its first rows say and, for a lazy source
+    (dataset.source.RowSource), its files' names, sizes and times (`fingerprint()`, which reads no image)."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(json.dumps([os.path.realpath(path), len(rows)]).encode())
-    for row in rows[:FINGERPRINT_ROWS]:
+    files = getattr(rows, "fingerprint", None)
+    if callable(files):
+        digest.update(str(files()).encode())
+    for index in range(min(FINGERPRINT_ROWS, len(rows))):
+        row = rows[index]
         digest.update(json.dumps([row.input_caption, row.instruction, row.output_caption]).encode())
     return digest.hexdigest()
 

@@ -1,14 +1,16 @@
 """The InstructPix2Pix trainer, shared by the TrainIP2P node and the command line. Pure torch.
 
 It trains any `unet(x, t, context)` whose input x is the noised target latent concatenated with the raw
-input-image latent, on batches from `training.data`: noise (or v) prediction MSE, the paper's conditioning
-dropout, AdamW with a constant learning rate, gradient accumulation and clipping, EMA, optional gradient
-checkpointing and autocast, data-parallel over torch.distributed, and a resumable state in which every
-random number generator is captured at a step boundary.
+input-image latent, on batches from `training.data`: noise (or v) prediction MSE (optionally weighted by the
+rows' masks), the paper's conditioning dropout, AdamW with a constant learning rate, gradient accumulation and
+clipping, EMA, optional gradient checkpointing and autocast, data-parallel through DistributedDataParallel, and
+a resumable state in which every random number generator and the data order are captured at a step boundary.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +26,9 @@ from .ema import EMA
 from .objective import NoiseSchedule
 from .precision import autocast_dtype as precision_dtype
 
-STATE_VERSION = 1
+# 2: the data order is (epoch, position), regenerated from the seed (1 stored a permutation drawn from the step's
+# generator).
+STATE_VERSION = 2
 
 
 @dataclass
@@ -63,29 +67,87 @@ class Draws:
 
 
 class DataOrder:
-    """Epoch after epoch of seeded permutations; a batch may straddle two epochs."""
+    """Epoch after epoch of seeded permutations of the rows; a batch may straddle two epochs.
 
-    def __init__(self, size: int, generator: torch.Generator) -> None:
-        self.size, self.generator = size, generator
-        self.order: torch.Tensor | None = None
-        self.cursor = 0
+    The state is two integers, (epoch, position): epoch e's permutation is regenerated from (seed, e) by a
+    generator of its own, so a resumed run continues the same epoch at the same place, and every row is drawn
+    exactly once per epoch however the run was interrupted. Only the permutation of the current epoch is held
+    (an int64 per row)."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed = size, seed
+        self.epoch, self.position = 0, 0
+        self._permutation: tuple[int, torch.Tensor] | None = None
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if self._permutation is None or self._permutation[0] != epoch:
+            digest = hashlib.blake2b(f"{self.seed}:{epoch}".encode(), digest_size=8).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest, "big") >> 1)
+            self._permutation = (epoch, torch.randperm(self.size, generator=generator))
+        return self._permutation[1]
 
     def take(self, count: int) -> list[int]:
         taken: list[int] = []
         while len(taken) < count:
-            if self.order is None or self.cursor >= self.size:
-                self.order = torch.randperm(self.size, generator=self.generator)
-                self.cursor = 0
-            part = self.order[self.cursor:self.cursor + count - len(taken)]
+            if self.position >= self.size:
+                self.epoch, self.position = self.epoch + 1, 0
+            part = self.permutation(self.epoch)[self.position:self.position + count - len(taken)]
             taken += part.tolist()
-            self.cursor += len(part)
+            self.position += len(part)
         return taken
 
     def state_dict(self) -> dict:
-        return {"order": self.order, "cursor": self.cursor}
+        return {"epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.order, self.cursor = state["order"], state["cursor"]
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position <= self.size:
+            raise ValueError(f"the saved data order (epoch {epoch}, position {position}) does not fit a dataset of "
+                             f"{self.size} rows")
+        self.epoch, self.position = epoch, position
+
+
+class TrainedWeights(torch.nn.Module):
+    """The trained weights as one module around the UNet, for DistributedDataParallel: its parameters are exactly
+    the trained ones (all UNet weights, or LoRA adapters that are not submodules of the UNet: ComfyUI applies them
+    as weight functions), so DDP broadcasts and reduces those and nothing else; calling it calls the UNet."""
+
+    def __init__(self, unet: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:
+        super().__init__()
+        self.trained = torch.nn.ParameterList(params)
+        self._unet = [unet]  # a list, so the UNet's frozen weights are not registered (nor broadcast)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self._unet[0](x, t, context)
+
+
+def distributed(unet: torch.nn.Module, params: list[torch.nn.Parameter], device: torch.device):
+    """DistributedDataParallel over the trained weights: gradients all-reduced (averaged) in buckets while the
+    backward pass still runs; rank 0's weights are broadcast to every process when it is built."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    module = TrainedWeights(unet, params)
+    device_ids = [device] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=device_ids)  # the module has no buffers to sync
+
+
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, outside: float) -> torch.Tensor:
+    """The per-latent-pixel MSE weighted by the mask (1 inside, `outside` elsewhere, in between at its edge),
+    normalised per sample by its total weight: an all-ones mask gives the plain MSE, and each sample counts
+    equally however small its mask (which also keeps any split of a batch over processes equal to the whole)."""
+    weight = mask * (1.0 - outside) + outside  # [B, 1, h, w]
+    error = (prediction - target).pow(2).mean(dim=1, keepdim=True)
+    per_sample = (error * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1e-12)
+    return per_sample.mean()
+
+
+def check_state_version(state: dict) -> None:
+    """Refuses a state this version cannot continue, saying what to do."""
+    version = state.get("version")
+    if version != STATE_VERSION:
+        raise ValueError(f"the saved training state has version {version}, this trainer reads version "
+                         f"{STATE_VERSION} (the data order is now kept as epoch + position), so it cannot be "
+                         "continued; set resume off (or choose another checkpoint_name) to start the run over")
 
 
 def enable_gradient_checkpointing(blocks: list[torch.nn.Module]) -> None:
@@ -133,17 +195,19 @@ class Trainer:
         if not self.param_list:
             raise ValueError("nothing to train: the model has no trainable weights")
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.order = DataOrder(len(batches), self.generator)
+        self.order = DataOrder(len(batches), config.seed)
         self.optimizer = make_optimizer(self.param_list, config)
         self.amp_dtype = autocast_dtype(config.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model.checkpoint_blocks)
-        self.world.broadcast_parameters(self.param_list)
+        # Before the EMA is made: DDP starts every process from rank 0's weights.
+        self.ddp = distributed(model.unet, self.param_list, self.device) if self.world.active else None
         self.ema = EMA(model.params, config.ema_decay) if config.uses_ema else None
         self.empty_context = batches.empty_context.to(self.device, torch.float32)
         self.step = 0
         self.losses: list[float] = []
+        self.step_rows: list[int] = []  # the dataset rows this process trained on in the last step
         self.seconds = 0.0
         self._boundary = self._rng_state()
 
@@ -172,9 +236,14 @@ class Trainer:
         context, image = apply_dropout(batch.context.to(dev, torch.float32), batch.image.to(dev, torch.float32),
                                        self.empty_context, drop_text, drop_image)
         noisy = schedule.noisy(x0, noise, t)
+        unet = self.ddp if self.ddp is not None else self.model.unet
         with torch.autocast(dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            prediction = self.model.unet(torch.cat([noisy, image], dim=1), t.float(), context)
-        return F.mse_loss(prediction.float(), schedule.target(x0, noise, t).float())
+            prediction = unet(torch.cat([noisy, image], dim=1), t.float(), context)
+        target = schedule.target(x0, noise, t).float()
+        if self.config.masked_loss and batch.mask is not None:
+            return weighted_mse(prediction.float(), target, batch.mask.to(dev, torch.float32),
+                                self.config.outside_mask_weight)
+        return F.mse_loss(prediction.float(), target)
 
     def train_step(self) -> float:
         cfg, world = self.config, self.world
@@ -183,14 +252,19 @@ class Trainer:
         # One draw for the whole step, sliced per micro-batch and process: any split of the same global batch
         # over accumulation and processes sees the same samples and random numbers.
         draws = self.draw(self.samples_per_step)
+        rows: list[int] = []
         for micro in range(cfg.grad_accumulation):
             start = (micro * world.size + world.rank) * cfg.batch_size
             mine = draws.part(start, start + cfg.batch_size)
-            loss = self.loss(self.batches.batch(mine.indices, mine.uniforms), mine) / cfg.grad_accumulation
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            rows += mine.indices
+            # DDP all-reduces the gradients once per step, during the last micro-batch's backward pass.
+            last = micro == cfg.grad_accumulation - 1
+            with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
+                loss = self.loss(self.batches.batch(mine.indices, mine.uniforms), mine) / cfg.grad_accumulation
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach().double().cpu()
-        world.average_gradients(self.param_list)
         self._apply_gradients()
+        self.step_rows = rows
         self.step += 1
         value = float(world.average(total))
         self.losses.append(value)
@@ -259,8 +333,7 @@ class Trainer:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"training state version {state.get('version')} is not {STATE_VERSION}")
+        check_state_version(state)
         mismatched = resume_mismatches(state["config"], self.config)
         if mismatched:
             details = ", ".join(f"{k}: saved {state['config'][k]!r}, now {getattr(self.config, k)!r}"

@@ -343,12 +343,12 @@ def test_save_then_load_round_trip(comfy_nodes, comfy_base, fmt):
     name = unique(f"runs/{fmt}")
     path, written, handle = save(comfy_nodes, rows, name, fmt)
     assert path == name and written == 6
-    assert handle == {"path": str((comfy_base / "output" / name).resolve()), "format": fmt}
+    assert handle == {"path": str((comfy_base / "output" / name).resolve()), "format": fmt, "mapping": None}
     assert save(comfy_nodes, rows, name, fmt)[1] == 0, "saving again adds nothing"
     assert f"output/{name}" in comfy_nodes["LoadEditDataset"].INPUT_TYPES()["required"]["dataset"][1]["options"]
 
     dataset, loaded, inputs, edits = load(comfy_nodes, f"output/{name}", preview_count=4)
-    assert dataset == {"path": handle["path"], "format": fmt}
+    assert dataset == {"path": handle["path"], "format": fmt, "mapping": None}
     assert len(loaded) == 6 and inputs.shape == edits.shape == (4, 48, 48, 3)
     originals = {r.seed: r for r in rows}
     for row in loaded:

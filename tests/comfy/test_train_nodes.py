@@ -283,3 +283,17 @@ def test_training_learns_to_invert_colours(comfy_base, tiny_ip2p_ckpt):
     after, after_x0 = edit_error(outcome.model), x0_error(outcome.model)
     assert after < before / 10, (before, after)
     assert after_x0 < before_x0 / 3, (before_x0, after_x0)
+
+
+def test_the_handles_column_mapping_is_checked_again(comfy_base, invert_dataset):
+    from comfyui_ip2p.pipeline.train import confined_dataset
+
+    path = str(comfy_base / "output" / invert_dataset)
+    mapping = {"input_image": "source_img", "edited_image": "target_img", "instruction": "instruction"}
+    assert confined_dataset({"path": path, "format": "mapped", "mapping": mapping})["mapping"] == mapping
+    assert confined_dataset({"path": path, "format": "reference"})["mapping"] is None
+    for forged, expected in (({**mapping, "pixels": "x"}, "unknown field 'pixels'"),
+                             ({**mapping, "instruction": "a\nb"}, "control characters"),
+                             ("input_image=a", "must be a dict")):
+        with pytest.raises(ValueError, match=expected):
+            confined_dataset({"path": path, "format": "mapped", "mapping": forged})

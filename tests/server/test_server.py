@@ -29,7 +29,7 @@ SD15_STAND_IN = {"instruct_edit_sdxl.json"}
 def edit_workflow_id(workflow: Path) -> str:
     return workflow.name + ("-wiring-on-sd15" if workflow.name in SD15_STAND_IN else "")
 OUR_NODES = ["LoadIP2PModel", "ConvertToIP2P", "InstructEdit", "DualCFGSampler", "IP2PGuider", "IP2PGuidanceGrid",
-             "IP2PReferenceResize", "IP2PAutoGuidance", "IP2PComputePrecision"]
+             "IP2PReferenceResize", "IP2PAutoGuidance", "IP2PComputePrecision", "EditRowsFromImages", "DatasetInfo"]
 
 
 def output_files(comfy_base: Path, entry: dict) -> list[Path]:

@@ -276,17 +276,24 @@ def test_diffusers_dataset_loads_in_hf_datasets_as_images(tmp_path):
 def test_iter_rows_yields_early_rows_before_touching_later_ones(tmp_path, fmt):
     write_rows(make_rows(4, per_group=2), tmp_path, "ds", fmt, **_small_shards(fmt))
     folder = tmp_path / "ds"
-    # Break the last part of the dataset: a lazy reader still yields the first rows before failing.
+    # Break the last part of the dataset: a lazy reader still yields the first rows before failing. Parquet
+    # footers are read when the dataset is opened (row counts), so the shard breaks after opening.
+    rows = formats.iter_rows(folder)
     if fmt == "reference":
         (folder / "0000001/prompt.json").write_text("not json")
     else:
         (folder / "data/train-00001.parquet").write_bytes(b"not parquet")
-
-    rows = formats.iter_rows(folder)
     first = [next(rows), next(rows)]
     assert [r.seed for r in first] == [4_000_000_000, 4_000_000_001]
     with pytest.raises((ValueError, OSError)):
         next(rows)
+
+
+def test_a_broken_shard_is_named_when_the_dataset_is_opened(tmp_path):
+    write_rows(make_rows(4, per_group=2), tmp_path, "ds", "diffusers", rows_per_shard=2)
+    (tmp_path / "ds/data/train-00001.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ValueError, match=r"data/train-00001\.parquet .* not a readable parquet file"):
+        formats.open_rows(tmp_path / "ds")
 
 
 def _small_shards(fmt: str) -> dict:

@@ -96,3 +96,20 @@ def test_resume_needs_the_same_model_and_dataset(tmp_path: Path):
         check_resumable({"fingerprint": {"model": "m1", "dataset": "d2"}}, identity, state_path)
     with pytest.raises(ValueError, match="does not record which model and dataset"):
         check_resumable({"step": 3}, identity, state_path)
+
+
+class Source(list):
+    """A lazy dataset as dataset.source gives it: rows plus a fingerprint of its files."""
+
+    def __init__(self, rows: list[EditRow], files: str) -> None:
+        super().__init__(rows)
+        self.files = files
+
+    def fingerprint(self) -> str:
+        return self.files
+
+
+def test_the_dataset_fingerprint_sees_the_sources_files(tmp_path: Path):
+    same = dataset_fingerprint(tmp_path / "a", Source(rows(3), "shards v1"))
+    assert same == dataset_fingerprint(tmp_path / "a", Source(rows(3), "shards v1"))
+    assert same != dataset_fingerprint(tmp_path / "a", Source(rows(3), "shards v2"))
