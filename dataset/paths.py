@@ -14,7 +14,7 @@ import os
 import re
 import stat
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -204,18 +204,24 @@ def read_jsonl_counted(path: Path, root: Path | None = None) -> tuple[list[dict]
     if not os.path.lexists(path):
         return [], 0
     records, skipped = [], 0
-    for line in read_dataset_bytes(path, root, MAX_TEXT_FILE_BYTES).split(b"\n"):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except ValueError:
-            value = None
+    for _, value in json_lines(read_dataset_bytes(path, root, MAX_TEXT_FILE_BYTES)):
         if isinstance(value, dict):
             records.append(value)
         else:
             skipped += 1
     return records, skipped
+
+
+def json_lines(data: bytes | str) -> Iterator[tuple[int, object]]:
+    """(line number from 1, parsed value or None when the line is not JSON) of every non-empty line."""
+    lines = data.split(b"\n") if isinstance(data, bytes) else data.splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except ValueError:
+            yield number, None
 
 
 def cut_torn_tail(path: Path) -> None:

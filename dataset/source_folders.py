@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from .paths import (
     check_dataset_file,
     dataset_path,
     file_stamp,
+    json_lines,
     read_dataset_bytes,
 )
 from .records import SCORE_FIELDS, EditRow
@@ -200,13 +200,7 @@ def _read_index(index: Path, folder: Path) -> tuple[list[dict[str, str]], tuple[
         raw = [(number + 2, record) for number, record in enumerate(reader)]
     else:
         raw, keys = [], {}
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except ValueError:
-                value = None
+        for number, value in json_lines(text):
             if not isinstance(value, dict):
                 raise ValueError(f"{index.name} line {number} is not a JSON object")
             raw.append((number, value))
