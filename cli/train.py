@@ -5,12 +5,14 @@
     torchrun --nproc_per_node 4 -m comfyui_ip2p.cli.train ...          # data-parallel over 4 GPUs
     accelerate launch -m comfyui_ip2p.cli.train ...                     # the same, through accelerate
     torchrun --nnodes 2 --node_rank R --master_addr HOST --nproc_per_node 8 -m comfyui_ip2p.cli.train ...
+    torchrun --nproc_per_node 8 -m comfyui_ip2p.cli.train --parallel fsdp ...  # weights sharded (FSDP2)
 
 `--model` is a single-file SD1.x checkpoint: InstructPix2Pix to fine-tune, or text-to-image to start from the
 paper's init. Writes <output-dir>/<name>.safetensors (loads in ComfyUI) and <output-dir>/<name>/ (resumable
 state, loss curve, validation grid); run the same command again to continue a stopped run. The per-process
-batch is --batch-size; the effective batch is batch-size x grad-accumulation x processes. Progress is printed
-as JSON lines. ComfyUI is booted in this process (its loaders and model code); this module itself imports no
+batch is --batch-size; the effective batch is batch-size x grad-accumulation x processes. `--parallel fsdp` shards
+a full fine-tune's weights, gradients and optimizer state over the processes (docs/distributed.md). Progress is
+printed as JSON lines. ComfyUI is booted in this process (its loaders and model code); this module itself imports no
 ComfyUI code until `main` runs.
 """
 
@@ -26,13 +28,13 @@ from pathlib import Path
 
 from ..dataset.formats import READ_FORMATS
 from ..dataset.layouts import parse_mapping
-from ..training.config import CACHE_LOCATIONS, TrainConfig
+from ..training.config import CACHE_LOCATIONS, PARALLELS, TrainConfig
 from ..training.distributed import World, close_world, init_world, launched_world, pick_device
 from . import runtime
 
 # Set from the model, or meaningless on the command line.
 _NOT_OPTIONS = {"prediction"}
-_CHOICES = {"cache_location": CACHE_LOCATIONS}
+_CHOICES = {"cache_location": CACHE_LOCATIONS, "parallel": PARALLELS}
 
 
 def config_options(parser: argparse.ArgumentParser) -> None:

@@ -278,14 +278,18 @@ def metadata_for(trainer: Trainer, dataset: dict, identity: RunIdentity) -> dict
 
 def write_outputs(session: Session, trainer: Trainer, files: RunFiles, dataset: dict, identity: RunIdentity,
                   validator: Validator | None) -> None:
-    """Model file, resumable state, loss curve and validation grid (rank 0 only)."""
+    """Model file, resumable state, loss curve and validation grid (rank 0 only). A sharded (FSDP) run's weights
+    and state are gathered from every process's parts: all of them call this, rank 0 writes."""
+    if not (trainer.world.is_main or trainer.sharded):
+        return
+    weights = trainer.weights(ema=session.config.save_ema, main_only=True)
+    state = trainer.state_dict()
     if not trainer.world.is_main:
         return
-    weights = trainer.weights(ema=session.config.save_ema)
     # run.json before the model file: a model file carrying this run id is then always recognised as ours.
     save_bytes(identity.record(), files.identity)
     session.save_model(files.model, weights, metadata_for(trainer, dataset, identity))
-    save_torch({**trainer.state_dict(), "fingerprint": identity.fingerprint}, files.state)
+    save_torch({**state, "fingerprint": identity.fingerprint}, files.state)
     save_bytes(png_bytes(loss_curve(trainer.losses)), files.loss_png)
     save_bytes(json.dumps(trainer.losses).encode("utf-8"), files.run_dir / "loss.json")
     grid = validator.grid() if validator is not None else None
@@ -353,6 +357,14 @@ def check_connected(model, clip) -> None:
         matching_text(model, encode_text(clip, ""))
 
 
+def check_fits(model, vae, config: TrainConfig, world: World) -> None:
+    if config.parallel == "fsdp" and world.size > 1:
+        # The estimate holds every weight's gradient, AdamW state and EMA on one device: what FSDP splits.
+        log.info("parallel fsdp: the memory check (one whole model per process) is skipped")
+        return
+    check_memory(model, vae, config, comfy.model_management.get_torch_device())
+
+
 def run_training(model, clip, vae, dataset: dict, config: TrainConfig, files: RunFiles, *, resume: bool = True,
                  world: World | None = None, on_step: Progress | None = None,
                  should_stop: Callable[[], bool] | None = None,
@@ -370,7 +382,7 @@ def run_training(model, clip, vae, dataset: dict, config: TrainConfig, files: Ru
     check_connected(model, clip)
     with torch.inference_mode(False), torch.enable_grad():
         # Inside: the probe's (meta) weights must not be inference tensors, which autograd refuses to save.
-        check_memory(model, vae, config, comfy.model_management.get_torch_device())
+        check_fits(model, vae, config, world)
         session = Session(model, clip, vae, config)
         rows = read_rows(dataset["path"], dataset.get("format"), dataset.get("mapping"))
         dataset_print = dataset_fingerprint(dataset["path"], rows)

@@ -1,7 +1,8 @@
 """The training command line in real subprocesses, on a hub-style folder of three parquet shards: two gloo
 processes under torchrun (DistributedDataParallel, latent cache on disk) against one process with the same global
-batch, and a run killed with SIGKILL after a mid-epoch checkpoint, resumed, against an uninterrupted one; both
-count the dataset rows each step trained ("rows" of the step events): every row once per epoch.
+batch, the same with the weights sharded (`--parallel fsdp`, stopped mid-epoch and resumed sharded), and a run
+killed with SIGKILL after a mid-epoch checkpoint, resumed, against an uninterrupted one; all count the dataset rows
+each step trained ("rows" of the step events): every row once per epoch.
 
 Every run uses one CPU thread per process, so reductions happen in the same order and the single-process
 runs are bitwise reproducible.
@@ -86,13 +87,26 @@ def single(inputs) -> tuple[list[dict], dict]:
     return run, final_state(inputs, "single")
 
 
-def test_two_gloo_processes_step_in_lockstep_and_equal_one_process(inputs, single):
+def torchrun(*argv: str) -> list[str]:
     from comfyui_ip2p.testing.comfy_server import free_port
 
-    argv = ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-            "--master_port", str(free_port()), *CLI, *cli_args(inputs, "ddp", batch_size=1),
-            "--cache-location", "disk"]
-    run = run_cli(argv)
+    return ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), *CLI, *argv]
+
+
+def weight_differences(state: dict, reference: dict, label: str) -> None:
+    """Summation order differs between one batch of 2 and two all-reduced batches of 1; Adam's normalisation turns
+    the resulting 1e-7 gradient differences into weight differences up to a small fraction of the learning rate
+    (1e-4 per step), on a handful of weights."""
+    worst = max((state["params"][k] - reference["params"][k]).abs().max().item() for k in reference["params"])
+    mean = statistics.mean((state["params"][k] - reference["params"][k]).abs().mean().item()
+                           for k in reference["params"])
+    print(f"{label} vs one process after {STEPS} steps: worst weight difference {worst:.3g}, mean {mean:.3g}")
+    assert worst < 2e-5 and mean < 1e-8, (worst, mean)
+
+
+def test_two_gloo_processes_step_in_lockstep_and_equal_one_process(inputs, single):
+    run = run_cli(torchrun(*cli_args(inputs, "ddp", batch_size=1), "--cache-location", "disk"))
     assert {e["rank"]: e["cache_location"] for e in run if e["event"] == "done"} == {0: "disk", 1: "disk"}
     assert len(list((inputs["root"] / "ddp" / "latent_cache").glob("*/chunk-000000.pt"))) == 1
     rows = step_rows(run)
@@ -109,17 +123,47 @@ def test_two_gloo_processes_step_in_lockstep_and_equal_one_process(inputs, singl
     reference_run, reference = single
     same = {step: sorted(trained) for step, trained in step_rows(reference_run).items()}
     assert {step: sorted(trained) for step, trained in rows.items()} == same  # one process's global batches
-    state = final_state(inputs, "ddp")
     reference_losses = [e["loss"] for e in reference_run if e["event"] == "step"]
     assert [e["loss"] for e in steps[0]] == pytest.approx(reference_losses, rel=1e-4)
-    # Summation order differs between one batch of 2 and two all-reduced batches of 1; Adam's normalisation
-    # turns the resulting 1e-7 gradient differences into weight differences up to a small fraction of the
-    # learning rate (1e-4 per step), on a handful of weights.
-    worst = max((state["params"][k] - reference["params"][k]).abs().max().item() for k in reference["params"])
-    mean = statistics.mean((state["params"][k] - reference["params"][k]).abs().mean().item()
-                           for k in reference["params"])
-    print(f"DDP vs one process after {STEPS} steps: worst weight difference {worst:.3g}, mean {mean:.3g}")
-    assert worst < 2e-5 and mean < 1e-8, (worst, mean)
+    weight_differences(final_state(inputs, "ddp"), reference, "DDP")
+
+
+def test_fsdp_shards_in_lockstep_equals_one_process_and_resumes_sharded(inputs, single):
+    """--parallel fsdp: weights, gradients, AdamW state and EMA sharded over two gloo processes (FSDP2). Stopped
+    after 3 steps (mid-epoch), the state is gathered whole by rank 0; the same command with --steps 6 loads it back
+    into shards and finishes the run."""
+    argv = [*cli_args(inputs, "fsdp", batch_size=1), "--parallel", "fsdp"]
+    first = run_cli(torchrun(*argv, "--steps", "3"))
+    stopped = final_state(inputs, "fsdp")
+    resumed = run_cli(torchrun(*argv))
+    run = first + resumed
+    assert [e["step"] for e in resumed if e["event"] == "step" and e["rank"] == 0] == [4, 5, 6]
+    rows = step_rows(run)
+    assert_every_row_once_per_epoch(rows)
+    steps = {rank: [e for e in run if e["event"] == "step" and e["rank"] == rank] for rank in (0, 1)}
+    assert [e["loss"] for e in steps[0]] == [e["loss"] for e in steps[1]]
+    done = {e["rank"]: e for e in resumed if e["event"] == "done"}
+    assert done[0]["weights_fingerprint"] == done[1]["weights_fingerprint"]
+
+    reference_run, reference = single
+    assert {step: sorted(trained) for step, trained in rows.items()} == \
+        {step: sorted(trained) for step, trained in step_rows(reference_run).items()}
+    reference_losses = [e["loss"] for e in reference_run if e["event"] == "step"]
+    assert [e["loss"] for e in steps[0]] == pytest.approx(reference_losses, rel=1e-4)
+    # The state is the one a single process writes (whole tensors), so either kind of run resumes it.
+    assert stopped["step"] == 3
+    for key in ("params", "ema"):
+        shapes = {k: v.shape for k, v in (stopped[key] if key == "params" else stopped[key]["shadow"]).items()}
+        assert shapes == {k: v.shape for k, v in (reference[key] if key == "params"
+                                                  else reference[key]["shadow"]).items()}
+    moments = [{k: v.shape for k, v in per.items()} for per in stopped["optimizer"]["state"].values()]
+    assert moments == [{k: v.shape for k, v in per.items()} for per in reference["optimizer"]["state"].values()]
+    state = final_state(inputs, "fsdp")
+    assert state["losses"] == [e["loss"] for e in steps[0]]
+    weight_differences(state, reference, "FSDP")
+    worst_ema = max((state["ema"]["shadow"][k] - reference["ema"]["shadow"][k]).abs().max().item()
+                    for k in reference["ema"]["shadow"])
+    assert worst_ema < 2e-5, worst_ema
 
 
 def test_sigkill_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(inputs, single):

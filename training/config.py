@@ -15,6 +15,10 @@ SAVE_PRECISIONS = ("fp16", "bf16", "fp32")
 # Where the latent cache lives: "memory", "disk" (memory-mapped chunk files), or "auto" (disk when the estimated
 # cache exceeds the memory budget of training/latent_cache.py). Not a resume setting: both give identical batches.
 CACHE_LOCATIONS = ("auto", "memory", "disk")
+# How several processes share the work (docs/distributed.md): "ddp" holds the whole model on every process and
+# averages the gradients; "fsdp" shards the weights, gradients, AdamW state and EMA of a full fine-tune over the
+# processes (FSDP2). Not a resume setting: both save the same whole-tensor state, and either resumes the other's.
+PARALLELS = ("ddp", "fsdp")
 
 # Settings that change what a resumed run would compute: a saved state with other values is refused.
 RESUME_KEYS = ("mode", "lora_rank", "lora_alpha", "resolution", "batch_size", "grad_accumulation", "seed",
@@ -51,6 +55,7 @@ class TrainConfig:
     masked_loss: bool = False
     outside_mask_weight: float = 0.1
     mode: str = "full"
+    parallel: str = "ddp"  # with several processes only (torchrun / accelerate launch); see PARALLELS
     lora_rank: int = 16
     lora_alpha: float = 16.0
     checkpoint_every: int = 0  # also writes the resumable state; 0 = only at the end
@@ -80,9 +85,24 @@ class TrainConfig:
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}")
         for name, allowed in (("mode", MODES), ("precision", PRECISIONS), ("prediction", PREDICTIONS),
-                              ("save_precision", SAVE_PRECISIONS), ("cache_location", CACHE_LOCATIONS)):
+                              ("save_precision", SAVE_PRECISIONS), ("cache_location", CACHE_LOCATIONS),
+                              ("parallel", PARALLELS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        self._check_fsdp()
+
+    def _check_fsdp(self) -> None:
+        if self.parallel != "fsdp":
+            return
+        if self.mode != "full":
+            raise ValueError("parallel fsdp shards a full fine-tune (mode full); LoRA adapters are a few MB and train "
+                             "with parallel ddp")
+        if self.precision == "fp16":
+            raise ValueError("parallel fsdp does not take precision fp16 (its gradient scaler is not wired for "
+                             "sharded gradients); use bf16 or fp32")
+        if self.validation_every:
+            raise ValueError("parallel fsdp does not run validation (rank 0 would sample with weights sharded over "
+                             "every process); set validation_every 0 and edit with the saved checkpoint")
 
     def _check_finite(self) -> None:
         for setting in dataclasses.fields(self):

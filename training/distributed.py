@@ -2,10 +2,11 @@
 
 Every process draws the same random numbers for the whole global batch and trains on its own slice of it (so
 across processes each row is trained once per epoch); the trainer wraps the trained weights in PyTorch's
-DistributedDataParallel (training/trainer.py `distributed`), which averages the gradients in buckets while the
+DistributedDataParallel (training/parallel.py `data_parallel`), which averages the gradients in buckets while the
 backward pass runs, before clipping, so every process takes the same optimizer step and the run equals a single
-process with the same global batch (up to float summation order). Only rank 0 writes files. FSDP / DeepSpeed
-are not wired (docs/distributed.md).
+process with the same global batch (up to float summation order). With config.parallel "fsdp" the trainer shards
+a full fine-tune's weights, gradients and AdamW state over the processes instead (FSDP2, training/parallel.py
+`fully_sharded`), with the same data split. Only rank 0 writes files. DeepSpeed is not wired (docs/distributed.md).
 
 Also the one place for what every command launched on several processes needs: the process's place (World,
 launched_world), its GPU (pick_device) and the process group (init_world, close_world), used by cli/train.py

@@ -39,3 +39,13 @@ class NoiseSchedule:
             return noise
         signal, sigma = self._coefficients(t, x0)
         return signal * noise - sigma * x0
+
+
+def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, outside: float) -> torch.Tensor:
+    """The per-latent-pixel MSE weighted by the mask (1 inside, `outside` elsewhere, in between at its edge),
+    normalised per sample by its total weight: an all-ones mask gives the plain MSE, and each sample counts
+    equally however small its mask (which also keeps any split of a batch over processes equal to the whole)."""
+    weight = mask * (1.0 - outside) + outside  # [B, 1, h, w]
+    error = (prediction - target).pow(2).mean(dim=1, keepdim=True)
+    per_sample = (error * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1e-12)
+    return per_sample.mean()

@@ -3,14 +3,17 @@
 It trains any `unet(x, t, context)` whose input x is the noised target latent concatenated with the raw
 input-image latent, on batches from `training.data`: noise (or v) prediction MSE (optionally weighted by the
 rows' masks), the paper's conditioning dropout, AdamW with a constant learning rate, gradient accumulation and
-clipping, EMA, optional gradient checkpointing and autocast, data-parallel through DistributedDataParallel, and
-a resumable state in which every random number generator and the data order are captured at a step boundary.
+clipping, EMA, optional gradient checkpointing and autocast, data-parallel through DistributedDataParallel or
+sharded through FSDP2 (`fully_shard`, config.parallel "fsdp"), and a resumable state in which every random number
+generator and the data order are captured at a step boundary. The saved weights and state are whole tensors in
+both cases (an FSDP run gathers its shards), so either kind of run, or one process, resumes the other's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,12 +26,15 @@ from .data import Batch, PixelBatches
 from .distributed import World
 from .dropout import apply_dropout, dropout_masks
 from .ema import EMA
-from .objective import NoiseSchedule
+from .objective import NoiseSchedule, weighted_mse
+from .parallel import data_parallel, fully_sharded, gathered, local_shard, shard_of
 from .precision import autocast_dtype as precision_dtype
 
 # 2: the data order is (epoch, position), regenerated from the seed (1 stored a permutation drawn from the step's
 # generator).
 STATE_VERSION = 2
+
+log = logging.getLogger("comfyui_ip2p.training")
 
 
 @dataclass
@@ -107,40 +113,6 @@ class DataOrder:
         self.epoch, self.position = epoch, position
 
 
-class TrainedWeights(torch.nn.Module):
-    """The trained weights as one module around the UNet, for DistributedDataParallel: its parameters are exactly
-    the trained ones (all UNet weights, or LoRA adapters that are not submodules of the UNet: ComfyUI applies them
-    as weight functions), so DDP broadcasts and reduces those and nothing else; calling it calls the UNet."""
-
-    def __init__(self, unet: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:
-        super().__init__()
-        self.trained = torch.nn.ParameterList(params)
-        self._unet = [unet]  # a list, so the UNet's frozen weights are not registered (nor broadcast)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return self._unet[0](x, t, context)
-
-
-def distributed(unet: torch.nn.Module, params: list[torch.nn.Parameter], device: torch.device):
-    """DistributedDataParallel over the trained weights: gradients all-reduced (averaged) in buckets while the
-    backward pass still runs; rank 0's weights are broadcast to every process when it is built."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    module = TrainedWeights(unet, params)
-    device_ids = [device] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids)  # the module has no buffers to sync
-
-
-def weighted_mse(prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, outside: float) -> torch.Tensor:
-    """The per-latent-pixel MSE weighted by the mask (1 inside, `outside` elsewhere, in between at its edge),
-    normalised per sample by its total weight: an all-ones mask gives the plain MSE, and each sample counts
-    equally however small its mask (which also keeps any split of a batch over processes equal to the whole)."""
-    weight = mask * (1.0 - outside) + outside  # [B, 1, h, w]
-    error = (prediction - target).pow(2).mean(dim=1, keepdim=True)
-    per_sample = (error * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(1e-12)
-    return per_sample.mean()
-
-
 def check_state_version(state: dict) -> None:
     """Refuses a state this version cannot continue, saying what to do."""
     version = state.get("version")
@@ -191,19 +163,27 @@ class Trainer:
         self.device = torch.device(device)
         self.world = world or World()
         self.latent_channels = latent_channels
-        self.param_list = list(model.params.values())
-        if not self.param_list:
+        if not model.params:
             raise ValueError("nothing to train: the model has no trainable weights")
         self.generator = torch.Generator().manual_seed(config.seed)
         self.order = DataOrder(len(batches), config.seed)
-        self.optimizer = make_optimizer(self.param_list, config)
         self.amp_dtype = autocast_dtype(config.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(model.checkpoint_blocks)
+        # Sharded: weights, gradients, AdamW state and EMA split over the processes (FSDP2).
+        self.sharded = config.parallel == "fsdp" and self.world.active
+        if config.parallel == "fsdp" and not self.sharded:
+            log.info("parallel fsdp on one process: nothing to shard, the run trains the whole model here")
+        if self.sharded:  # (config refuses fp16, whose gradient scaler is not wired for sharded gradients)
+            model.params = fully_sharded(model.unet, model.checkpoint_blocks, model.params, self.world, self.device)
+        self.param_list = list(model.params.values())
+        self.optimizer = make_optimizer(self.param_list, config)
         # Before the EMA is made: DDP starts every process from rank 0's weights.
-        self.ddp = distributed(model.unet, self.param_list, self.device) if self.world.active else None
-        self.ema = EMA(model.params, config.ema_decay) if config.uses_ema else None
+        self.ddp = data_parallel(model.unet, self.param_list, self.device) \
+            if self.world.active and not self.sharded else None
+        # Sharded, the EMA keeps this process's part of each weight.
+        self.ema = EMA(self._local_params(), config.ema_decay) if config.uses_ema else None
         self.empty_context = batches.empty_context.to(self.device, torch.float32)
         self.step = 0
         self.losses: list[float] = []
@@ -257,8 +237,12 @@ class Trainer:
             start = (micro * world.size + world.rank) * cfg.batch_size
             mine = draws.part(start, start + cfg.batch_size)
             rows += mine.indices
-            # DDP all-reduces the gradients once per step, during the last micro-batch's backward pass.
+            # DDP all-reduces the gradients once per step, during the last micro-batch's backward pass; FSDP
+            # reduce-scatters them then (keeping the earlier micro-batches' gradients and gathered weights whole).
             last = micro == cfg.grad_accumulation - 1
+            if self.sharded and cfg.grad_accumulation > 1:
+                self.model.unet.set_requires_gradient_sync(last)
+                self.model.unet.set_reshard_after_backward(last)
             with self.ddp.no_sync() if self.ddp is not None and not last else contextlib.nullcontext():
                 loss = self.loss(self.batches.batch(mine.indices, mine.uniforms), mine) / cfg.grad_accumulation
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -276,6 +260,7 @@ class Trainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.config.max_grad_norm > 0:
+            # Sharded gradients (DTensors): the norm is the whole model's, reduced over the processes.
             torch.nn.utils.clip_grad_norm_(self.param_list, self.config.max_grad_norm)
         if self.scaler:
             self.scaler.step(self.optimizer)
@@ -284,7 +269,7 @@ class Trainer:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(self.model.params)
+            self.ema.update(self._local_params())
 
     # --- the loop -----------------------------------------------------------------------------------------
 
@@ -307,24 +292,66 @@ class Trainer:
 
     # --- weights and state --------------------------------------------------------------------------------
 
-    def weights(self, ema: bool = True) -> dict[str, torch.Tensor]:
-        """The weights to save: the EMA ones when asked for and kept, else the raw ones (detached views)."""
-        if ema and self.ema is not None:
-            return self.ema.weights()
-        return {name: p.detach() for name, p in self.model.params.items()}
+    def _local_params(self) -> dict[str, torch.Tensor]:
+        """The trained weights as this process holds them: whole, or its part of each when sharded."""
+        return {name: local_shard(p.detach()) for name, p in self.model.params.items()}
+
+    def _gathered(self, tensors: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
+        """Whole CPU tensors from this process's parts (named as the trained weights); a collective."""
+        out = {}
+        for name, p in self.model.params.items():
+            whole = gathered(p, tensors[name], keep)
+            if keep:
+                out[name] = whole
+        return out
+
+    def weights(self, ema: bool = True, main_only: bool = False) -> dict[str, torch.Tensor]:
+        """The weights to save: the EMA ones when asked for and kept, else the raw ones (detached views). Sharded,
+        they are gathered whole onto the CPU of every process (of rank 0 only with `main_only`: the others get an
+        empty dict): every process must call it."""
+        local = self.ema.weights() if ema and self.ema is not None else self._local_params()
+        if not self.sharded:
+            return local
+        return self._gathered(local, keep=self.world.is_main or not main_only)
 
     def _rng_state(self) -> dict:
         return {"generator": self.generator.get_state(), "order": self.order.state_dict()}
 
-    def state_dict(self) -> dict:
-        """Everything a resumed run needs, as of the last completed step (even mid-step after an interrupt)."""
+    def _sharded_parts(self) -> tuple[dict, dict, dict | None]:
+        """Parameters, optimizer state and EMA, gathered whole on rank 0 (the other processes take part and get
+        empty dicts): the same tensors a one-process run saves."""
+        keep = self.world.is_main
+        params = self._gathered(self._local_params(), keep)
+        optimizer = self.optimizer.state_dict()  # its per-weight dicts are the optimizer's own: not changed here
+        optimizer["state"] = {
+            index: {key: gathered(self.param_list[index], local_shard(value), keep)
+                    if isinstance(value, torch.Tensor) and value.shape == self.param_list[index].shape else value
+                    for key, value in per_param.items()}
+            for index, per_param in optimizer["state"].items()}
+        ema = None
+        if self.ema is not None:
+            ema = {"decay": self.ema.decay, "updates": self.ema.updates,
+                   "shadow": self._gathered(self.ema.weights(), keep)}
+        return params, optimizer, ema
+
+    def state_dict(self) -> dict | None:
+        """Everything a resumed run needs, as of the last completed step (even mid-step after an interrupt).
+        Sharded, every process must call it; rank 0 gets the state (whole tensors), the others None."""
+        if self.sharded:
+            params, optimizer, ema = self._sharded_parts()
+            if not self.world.is_main:
+                return None
+        else:
+            params = {name: p.detach().cpu().clone() for name, p in self.model.params.items()}
+            optimizer = self.optimizer.state_dict()
+            ema = self.ema.state_dict() if self.ema is not None else None
         return {
             "version": STATE_VERSION,
             "step": self.step,
             "config": self.config.to_dict(),
-            "params": {name: p.detach().cpu().clone() for name, p in self.model.params.items()},
-            "optimizer": self.optimizer.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "params": params,
+            "optimizer": optimizer,
+            "ema": ema,
             "rng": self._boundary,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "losses": list(self.losses),
@@ -344,11 +371,24 @@ class Trainer:
         if missing:
             raise ValueError(f"the saved training state lacks {len(missing)} weights of this model "
                              f"(e.g. {min(missing)}): it belongs to another model or mode")
-        for name, p in self.model.params.items():
-            p.copy_(state["params"][name])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
+        optimizer, ema = state["optimizer"], state["ema"]
+        if self.sharded:  # every process holds the whole saved tensors: each keeps its part of them
+            for name, p in self.model.params.items():
+                p.copy_(shard_of(state["params"][name], p))
+            optimizer = {**optimizer, "state": {
+                index: {key: shard_of(value, self.param_list[index])
+                        if isinstance(value, torch.Tensor) and value.shape == self.param_list[index].shape else value
+                        for key, value in per_param.items()}
+                for index, per_param in optimizer["state"].items()}}
+            if ema is not None:
+                ema = {**ema, "shadow": {name: local_shard(shard_of(ema["shadow"][name], p))
+                                         for name, p in self.model.params.items() if name in ema["shadow"]}}
+        else:
+            for name, p in self.model.params.items():
+                p.copy_(state["params"][name])
+        self.optimizer.load_state_dict(optimizer)
+        if self.ema is not None and ema is not None:
+            self.ema.load_state_dict(ema)
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["rng"]["generator"])

@@ -1,5 +1,6 @@
 """Training that streams, pure torch on toy encoders: the resumable data order, lazy rows, the latent cache on disk
-(bit-identical to memory, resumable, keyed), the masked loss and the module DistributedDataParallel wraps."""
+(bit-identical to memory, resumable, keyed), the masked loss, the module DistributedDataParallel wraps and
+where FSDP is refused."""
 
 from __future__ import annotations
 
@@ -27,14 +28,9 @@ from comfyui_ip2p.training.latent_cache import (
     estimate_bytes,
     memory_budget,
 )
-from comfyui_ip2p.training.objective import NoiseSchedule
-from comfyui_ip2p.training.trainer import (
-    DataOrder,
-    TrainableModel,
-    TrainedWeights,
-    Trainer,
-    weighted_mse,
-)
+from comfyui_ip2p.training.objective import NoiseSchedule, weighted_mse
+from comfyui_ip2p.training.parallel import TrainedWeights
+from comfyui_ip2p.training.trainer import DataOrder, TrainableModel, Trainer
 from PIL import Image
 
 ENCODERS = Encoders(toy_encode_images, toy_encode_texts)
@@ -311,3 +307,15 @@ def test_ddp_sees_exactly_the_trained_weights_even_when_they_are_not_submodules(
     assert len(list(TrainedWeights(full, list(full.parameters())).parameters())) == len(list(full.parameters()))
     x, t, c = torch.randn(2, 8, 2, 2), torch.tensor([1.0, 2.0]), torch.randn(2, 77, 16)
     assert torch.equal(wrapped(x, t, c), model(x, t, c))
+
+
+def test_fsdp_is_refused_where_it_cannot_shard_and_one_process_trains_the_whole_model():
+    for changes, words in (({"mode": "lora"}, "full fine-tune"), ({"precision": "fp16"}, "bf16"),
+                           ({"validation_every": 5}, "validation_every 0"), ({"parallel": "zero3"}, "ddp, fsdp")):
+        with pytest.raises(ValueError, match=words):
+            TrainConfig(**{**BASE, "parallel": "fsdp", **changes})
+    rows = invert_rows(8, size=16, seed=0)
+    plain, sharded = trainer_for(TrainConfig(**BASE), rows), trainer_for(TrainConfig(**BASE, parallel="fsdp"), rows)
+    plain.train()
+    sharded.train()
+    assert not sharded.sharded and sharded.losses == plain.losses
