@@ -31,6 +31,7 @@ from PIL import Image
 
 from ..dataset.pixels import image_to_tensor
 from ..dataset.records import EditRow, open_image
+from ..dataset.source import open_rows
 from .latent_cache import CachedRow, ChunkStore, MemoryChunks, build_cache
 
 FACTOR = 8  # pixels per latent pixel
@@ -65,8 +66,6 @@ class Placement:
 def read_rows(path: str | os.PathLike, format: str | None = None,
               mapping: dict[str, str] | None = None) -> Sequence[EditRow]:
     """The dataset's rows as a lazy sequence (dataset.source.open_rows); refused when it has none."""
-    from ..dataset.source import open_rows
-
     rows = open_rows(path, None if format in (None, "", "auto") else format, mapping)
     if not len(rows):
         raise ValueError(f"the dataset at {path} has no rows; build one with SaveEditDataset or point to another")
