@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,12 @@ def _tree_bytes(folder: Path) -> int:
 
 
 def is_pairs_folder(folder: Path) -> bool:
-    names = [entry.name for entry in os.scandir(folder)]
+    return looks_like_pairs(entry.name for entry in os.scandir(folder))
+
+
+def looks_like_pairs(names: Iterable[str]) -> bool:
+    """Whether these file names make a folder of pairs: an instructions .csv/.jsonl and `<name>_<part>.<image>`."""
+    names = list(names)
     has_index = any(name.lower().endswith(INDEX_SUFFIXES) and not name.startswith(".") for name in names)
     return has_index and any(_split_pair_name(name) is not None for name in names)
 

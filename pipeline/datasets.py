@@ -24,6 +24,7 @@ from ..dataset.paths import file_stamp, resolve_inside
 from ..dataset.pixels import image_to_tensor
 from ..dataset.records import EditRow, open_image
 from ..dataset.source import RowSource, open_rows
+from ..dataset.source_folders import looks_like_pairs
 from ..dataset.writer import MANIFEST_NAMES, WriterBusyError, write_failure
 from .instructions import CACHE_DIR
 
@@ -91,18 +92,12 @@ def _looks_like_dataset(path: Path) -> bool:
     if any((path / name).is_file() for name in (*MANIFEST_NAMES, SEEDS_NAME)):
         return True
     # A bounded look: this runs for every entry of the output folder whenever the node list is built.
-    names = [p.name.lower() for p in islice(path.iterdir(), _PARQUET_SCAN_LIMIT)]
-    if any(name.endswith(".parquet") for name in names) or _looks_like_pairs(names):
+    # A folder of pairs is judged by the entries seen; a bigger one missed here loads through dataset_override.
+    names = [p.name for p in islice(path.iterdir(), _PARQUET_SCAN_LIMIT)]
+    if any(name.lower().endswith(".parquet") for name in names) or looks_like_pairs(names):
         return True
     data = path / "data"
     return data.is_dir() and any(p.suffix == ".parquet" for p in islice(data.iterdir(), _PARQUET_SCAN_LIMIT))
-
-
-def _looks_like_pairs(names: list[str]) -> bool:
-    """A folder of `<name>_input.png` / `<name>_edited.png` pairs with a .csv or .jsonl of instructions (the
-    "pairs" layout), judged by the entries seen; a bigger folder missed here loads through dataset_override."""
-    index = any(name.endswith((".csv", ".jsonl")) and not name.startswith(".") for name in names)
-    return index and any(name.rpartition(".")[0].endswith("_input") for name in names)
 
 
 def dataset_choices() -> list[str]:
